@@ -1,0 +1,57 @@
+"""Entry point: ``python -m orchestrator <command>`` (also the ``merge-orchestrator`` script).
+
+Each command lives in ``orchestrator/commands/<name>.py`` and exposes ``configure(parser)`` and
+``run(args) -> int``; it is imported only when chosen, so ``merge`` never pays for MLflow.
+A ``UserError`` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from orchestrator.errors import UserError
+
+COMMANDS = {
+    "merge": "Merge models from a mergekit-style recipe into a Hugging Face model folder.",
+    "zoo": "Build (or verify) the demo zoo: tiny expert models and local benchmark tasks.",
+    "eval": "Evaluate a model folder on lm-eval tasks.",
+    "sweep": "Run a merge search study (Hydra overrides as arguments).",
+}
+
+OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def set_offline_defaults() -> None:
+    """Default to offline Hugging Face libraries; an exported value (e.g. 0) wins."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="merge-orchestrator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = sys.argv[1] if len(sys.argv) > 1 else None
+    for name, help_text in COMMANDS.items():
+        cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"orchestrator.commands.{name}").configure(cmd_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_offline_defaults()
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    args = build_parser().parse_args(sys.argv[1:])
+    module = importlib.import_module(f"orchestrator.commands.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
