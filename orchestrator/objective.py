@@ -1,0 +1,154 @@
+"""The trial: suggest -> recipe -> merge in memory -> evaluate rung by rung -> score.
+
+Kept short on purpose; the resident model, its merger and evaluator live in ``Resident``
+(``orchestrator/sweep.py``), the search space in ``orchestrator/search.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from orchestrator.search import MethodSpace, build_recipe
+
+PRUNED, COMPLETE, FAILED = "pruned", "complete", "failed"
+
+
+def recipe_key(recipe: Mapping[str, Any], seed: int) -> str:
+    """A canonical hash of a recipe and merge seed: the same merge gets the same key."""
+    text = json.dumps({"recipe": recipe, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrialReport:
+    """What the progress printer shows for one finished trial."""
+
+    number: int
+    method: str
+    params: dict[str, Any]
+    rungs: list[tuple[int, float]]
+    state: str
+    value: float | None = None
+    reason: str = ""
+
+
+class Objective:
+    """Callable for ``study.optimize``: one merge-and-evaluate per trial."""
+
+    def __init__(self, spaces: Mapping[str, MethodSpace], resident: Any, tracker: Any,
+                 candidates: Any, seed: int, multi_objective: bool, wilcoxon: bool,
+                 on_done: Any = None) -> None:
+        self.spaces = dict(spaces)
+        self.resident = resident
+        self.tracker = tracker
+        self.candidates = candidates
+        self.seed = seed
+        self.multi_objective = multi_objective
+        self.wilcoxon = wilcoxon
+        self.on_done = on_done or (lambda report: None)
+
+    def suggest(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        """Pick a method (when comparing several) and its parameters; return (method, recipe)."""
+        methods = list(self.spaces)
+        method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+        global_values, per_model = self.spaces[method].suggest(trial, list(self.candidates.models))
+        recipe = build_recipe(method, global_values, per_model, self.candidates.models,
+                              self.candidates.base, self.candidates.dtype, self.candidates.tokenizer_source)
+        return method, recipe
+
+    def __call__(self, trial: Any) -> float | tuple[float, ...]:
+        import optuna
+
+        method, recipe = self.suggest(trial)
+        key = recipe_key(recipe, self.seed)
+        trial.set_user_attr("method", method)
+        trial.set_user_attr("recipe_key", key)
+        trial.set_user_attr("recipe", recipe)
+        done = _find_completed(trial.study, key)
+        if done is not None:  # the same recipe was evaluated already: reuse its value
+            trial.set_user_attr("duplicate_of", done.number)
+            self.on_done(TrialReport(trial.number, method, trial.params, [], COMPLETE, _first(done.values),
+                                     f"same recipe as trial {done.number}"))
+            return done.values[0] if len(done.values) == 1 else tuple(done.values)
+        run_id = self.tracker.start_trial(trial.number, {"method": method, **trial.params})
+        self.tracker.log_artifact_data(run_id, "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+        rungs: list[tuple[int, float]] = []
+        try:
+            value = self._run(trial, recipe, run_id, rungs)
+        except optuna.TrialPruned:
+            self.tracker.end_trial(run_id, "KILLED")
+            self.on_done(TrialReport(trial.number, method, trial.params, rungs, PRUNED))
+            raise
+        except BaseException as err:
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.set_tags(run_id, {"fail_reason": reason})
+            self.tracker.end_trial(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            self.on_done(TrialReport(trial.number, method, trial.params, rungs, FAILED, reason=reason))
+            raise
+        self.tracker.end_trial(run_id, "FINISHED")
+        self.on_done(TrialReport(trial.number, method, trial.params, rungs, COMPLETE, _first(value)))
+        return value
+
+    def _run(self, trial: Any, recipe: dict[str, Any], run_id: str | None,
+             rungs: list[tuple[int, float]]) -> float | tuple[float, ...]:
+        import optuna
+
+        start = time.perf_counter()
+        self.resident.merge(recipe, seed=self.seed)
+        merge_s = time.perf_counter() - start
+        trial.set_user_attr("merge_s", merge_s)
+        eval_start = time.perf_counter()
+        result = None
+        for result in self.resident.rungs("search"):
+            rungs.append((result.n_items, result.score))
+            metrics = {"score": result.score, **{f"{t}": v for t, v in result.components.items()}}
+            self.tracker.log_metrics(run_id, metrics, step=result.n_items)
+            if self.multi_objective:
+                continue
+            self._report(trial, result)
+            if trial.should_prune():
+                trial.set_user_attr("eval_s", time.perf_counter() - eval_start)
+                raise optuna.TrialPruned(f"pruned at {result.n_items} items (score {result.score:.4f})")
+        eval_s = time.perf_counter() - eval_start
+        trial.set_user_attr("eval_s", eval_s)
+        trial.set_user_attr("components", dict(result.components))
+        trial.set_user_attr("stderr", result.stderr)
+        trial.set_user_attr("n_items", result.n_items)
+        self.tracker.log_metrics(run_id, {"merge_s": merge_s, "eval_s": eval_s,
+                                          "items_per_s": result.n_items / max(eval_s, 1e-9)})
+        if self.multi_objective:
+            return tuple(result.components.values())
+        return result.score
+
+    def _report(self, trial: Any, result: Any) -> None:
+        """Successive halving/median prune on the running score; Wilcoxon on per-item values."""
+        if self.wilcoxon:
+            for item_id, value in result.new_items:
+                trial.report(float(value), item_id)
+        else:
+            trial.report(result.score, result.n_items)
+
+
+def _find_completed(study: Any, key: str) -> Any:
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("recipe_key") == key:
+            return t
+    return None
+
+
+def _first(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return float(value[0]) if len(value) == 1 else None
+    return float(value)

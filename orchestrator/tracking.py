@@ -1,0 +1,190 @@
+"""MLflow tracking through the client API: one parent run per study, one child run per trial.
+
+Our own logging (optuna-integration's MLflow callback is deprecated and logs no rungs): the
+parent run holds the resolved config, overrides, search spaces, seeds, package versions and
+the git commit; each child run holds the trial's parameters, per-rung metrics (step = items
+evaluated), final state, merge and eval seconds and the recipe YAML. Workers of one study find
+the parent run by its ``mo.study`` tag, so they all log under one parent. Passwords in URLs are
+never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import TrackingConfig
+from orchestrator.errors import UserError
+from orchestrator.study import redact
+
+STUDY_TAG = "mo.study"
+KIND_TAG = "mo.kind"
+TRIAL_TAG = "mo.trial"
+MAX_PARAM_LEN = 6000
+
+
+class Tracker:
+    """Logs a study to MLflow; a disabled tracker accepts every call and does nothing."""
+
+    def __init__(self, cfg: TrackingConfig, runs_dir: Path) -> None:
+        self.enabled = cfg.enabled
+        self.uri = cfg.uri or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+        self.parent_id: str | None = None
+        self.client = None
+        if not self.enabled:
+            return
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment(cfg.experiment, runs_dir)
+
+    def _experiment(self, name: str, runs_dir: Path) -> str:
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            location = None
+            if not self.uri.startswith(("http://", "https://", "databricks")):
+                location = (runs_dir / "mlartifacts").resolve().as_uri()
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except Exception:  # noqa: BLE001 - another worker created it first
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                return exp.experiment_id
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - unreachable server, bad URI, ...
+            raise UserError(f"cannot reach MLflow tracking store {redact(self.uri)}: "
+                            f"{' '.join(str(err).split())[:200]}") from None
+
+    # --- study (parent) -------------------------------------------------------------------
+    def start_study(self, study_name: str, params: Mapping[str, Any], artifacts: Mapping[str, Any]) -> str | None:
+        """Find or create the study's parent run; log params and dict artifacts once."""
+        if not self.enabled:
+            return None
+        existing = self._find_parent(study_name)
+        if existing is not None:
+            self.parent_id = existing
+            self.client.update_run(existing, status="RUNNING")
+            return existing
+        run = self.client.create_run(self.experiment_id, run_name=f"study:{study_name}",
+                                     tags={STUDY_TAG: study_name, KIND_TAG: "study"})
+        self.parent_id = self._find_parent(study_name) or run.info.run_id
+        if self.parent_id != run.info.run_id:  # lost a start race: keep the oldest parent
+            self.client.delete_run(run.info.run_id)
+            return self.parent_id
+        self.log_params(self.parent_id, params)
+        for name, value in artifacts.items():
+            self.log_artifact_data(self.parent_id, name, value)
+        return self.parent_id
+
+    def _find_parent(self, study_name: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and "
+                                                     f"tags.`{KIND_TAG}` = 'study'",
+                                       order_by=["attributes.start_time ASC"], max_results=5)
+        return runs[0].info.run_id if runs else None
+
+    def end_study(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.parent_id:
+            self.client.set_terminated(self.parent_id, status=status)
+
+    # --- trials (children) ----------------------------------------------------------------
+    def start_trial(self, number: int, params: Mapping[str, Any], kind: str = "trial",
+                    name: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        tags = {"mlflow.parentRunId": self.parent_id, KIND_TAG: kind, TRIAL_TAG: str(number)}
+        run = self.client.create_run(self.experiment_id, run_name=name or f"trial-{number}", tags=tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not (self.enabled and run_id):
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        if not (self.enabled and run_id):
+            return
+        from mlflow.entities import Param
+
+        flat = [Param(k, _param_text(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[i:i + 100])
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        if self.enabled and run_id:
+            for k, v in tags.items():
+                self.client.set_tag(run_id, k, str(v)[:5000])
+
+    def log_artifact_data(self, run_id: str | None, name: str, value: Any) -> None:
+        """Log text (``.yaml``/``.md``/``.txt``), a dict (``.json``) or a file path."""
+        if not (self.enabled and run_id):
+            return
+        if isinstance(value, Path):
+            self.client.log_artifact(run_id, str(value))
+        elif isinstance(value, str):
+            self.client.log_text(run_id, value, name)
+        else:
+            self.client.log_dict(run_id, value, name)
+
+    def log_figure(self, run_id: str | None, figure: Any, name: str) -> None:
+        if self.enabled and run_id:
+            self.client.log_figure(run_id, figure, name)
+
+    def end_trial(self, run_id: str | None, status: str) -> None:
+        """status: FINISHED (complete), KILLED (pruned or interrupted), FAILED."""
+        if self.enabled and run_id:
+            self.client.set_terminated(run_id, status=status)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys (``study.sampler.name``)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _param_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if "://" in text:
+        text = redact(text)
+    return text[:MAX_PARAM_LEN]
+
+
+def git_commit(repo: Path) -> str:
+    """The checkout's commit (with ``-dirty``), or ``unknown`` outside git."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "lm_eval", "optuna", "mlflow", "hydra-core", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
