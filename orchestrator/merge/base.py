@@ -24,12 +24,16 @@ The function signature is the same for every method::
 * ``models``: one ``model_params`` instance per entry of ``xs``.
 * ``params``: the ``params`` instance.
 * ``generator``: a seeded ``torch.Generator`` for methods with ``random=True`` (never the
-  global RNG), else ``None``.
+  global RNG), else ``None``. It must live on the tensors' device.
+
+Every function computes in float32, never modifies its inputs and returns a new tensor (never
+one of its inputs), so callers may modify the result in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +59,7 @@ class MergeMethod:
         min_models: fewest entries in ``xs``.
         max_models: most entries in ``xs`` (None: no limit).
         description: one line for ``--help`` and model cards.
+        reference_url: the paper or page the method implements (model cards).
     """
 
     name: str
@@ -67,6 +72,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     description: str = ""
+    reference_url: str = ""
 
     def global_keys(self) -> tuple[str, ...]:
         """Recipe keys of the global parameters."""
@@ -118,14 +124,39 @@ def field_name(key: str) -> str:
 
 def check_range(name: str, value: float, low: float | None, high: float | None,
                 *, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``low (<|<=) value (<|<=) high``; for ``__post_init__``."""
+    """Raise ``ValueError`` unless ``value`` is finite and ``low (<|<=) value (<|<=) high``.
+
+    For ``__post_init__``; ``None`` bounds are open-ended.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high or value != value:  # value != value catches NaN
+    if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def check_int(name: str, value: int, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def check_bool(name: str, value: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -1,0 +1,91 @@
+"""The one registry of merge methods: add a method by writing its module and listing it here.
+
+Keys, parameter names and defaults are mergekit's (0.1.5), so a mergekit recipe runs unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import partial
+
+from orchestrator.errors import UserError
+from orchestrator.merge import task_arithmetic as gta
+from orchestrator.merge.base import MergeMethod, NoParams
+from orchestrator.merge.linear import LinearParams, WeightParams, linear
+from orchestrator.merge.model_stock import ModelStockParams, model_stock
+from orchestrator.merge.passthrough import ScaleParams, passthrough
+from orchestrator.merge.slerp import NuslerpParams, SlerpParams, nuslerp, slerp
+from orchestrator.merge.spherical import KarcherParams, MultislerpParams, karcher, multislerp
+
+
+def _gta(name: str, params: type, model_params: type, sparsification: str | None, consensus: bool,
+         description: str, reference_url: str) -> MergeMethod:
+    """A generalized-task-arithmetic method: one function, fixed sparsification and consensus."""
+    return MergeMethod(
+        name=name,
+        fn=partial(gta.generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
+        params=params, model_params=model_params, base="required", inputs="deltas",
+        random=sparsification in ("random", "della_magprune"), description=description,
+        reference_url=reference_url,
+    )
+
+
+_DARE, _TIES = "https://arxiv.org/abs/2311.03099", "https://arxiv.org/abs/2306.01708"
+_BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
+
+_METHODS = (
+    MergeMethod("linear", linear, LinearParams, WeightParams, base="none",
+                description="Weighted average of the models (model soups).",
+                reference_url="https://arxiv.org/abs/2203.05482"),
+    MergeMethod("slerp", slerp, SlerpParams, NoParams, base="required", min_models=1, max_models=1,
+                description="Spherical interpolation from the base (t=0) to one other model (t=1).",
+                reference_url="https://en.wikipedia.org/wiki/Slerp"),
+    MergeMethod("nuslerp", nuslerp, NuslerpParams, WeightParams, base="optional", min_models=2,
+                max_models=2,
+                description="Slerp of two models (or of their task vectors, with a base) by weight."),
+    MergeMethod("multislerp", multislerp, MultislerpParams, WeightParams, base="optional",
+                description="Weighted mean of many models on the hypersphere.",
+                reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    MergeMethod("karcher", karcher, KarcherParams, NoParams, base="optional",
+                description="Equal-weight Karcher mean on the hypersphere (a base counts as a model).",
+                reference_url="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean"),
+    _gta("task_arithmetic", gta.TaskArithmeticParams, gta.DeltaParams, None, False,
+         "Weighted sum of task vectors added to the base.", "https://arxiv.org/abs/2212.04089"),
+    _gta("ties", gta.TiesParams, gta.DeltaParams, "magnitude", True,
+         "Top-magnitude trim, sign election, disjoint mean of task vectors.", _TIES),
+    _gta("dare_linear", gta.DareLinearParams, gta.DeltaParams, "random", False,
+         "Random drop and rescale of task vectors, then their weighted sum.", _DARE),
+    _gta("dare_ties", gta.DareTiesParams, gta.DeltaParams, "random", True,
+         "Random drop and rescale of task vectors, then TIES sign election.", _DARE),
+    _gta("breadcrumbs", gta.BreadcrumbsParams, gta.BreadcrumbsModelParams, "magnitude_outliers",
+         False, "Drop the largest outliers and the smallest entries, then sum.", _BREADCRUMBS),
+    _gta("breadcrumbs_ties", gta.BreadcrumbsTiesParams, gta.BreadcrumbsModelParams,
+         "magnitude_outliers", True,
+         "Drop the largest outliers and the smallest entries, then TIES sign election.", _BREADCRUMBS),
+    _gta("della", gta.DellaParams, gta.DellaModelParams, "della_magprune", True,
+         "Magnitude-ranked random drop and rescale, then TIES sign election.", _DELLA),
+    _gta("della_linear", gta.DareLinearParams, gta.DellaModelParams, "della_magprune", False,
+         "Magnitude-ranked random drop and rescale, then the weighted sum.", _DELLA),
+    MergeMethod("model_stock", model_stock, ModelStockParams, NoParams, base="required",
+                min_models=2,
+                description="Move from the base towards the models' mean by their angle.",
+                reference_url="https://arxiv.org/abs/2403.19522"),
+    MergeMethod("passthrough", passthrough, NoParams, ScaleParams, base="none", max_models=1,
+                description="Copy one model's tensor, optionally scaled (slice stacking)."),
+)
+
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in _METHODS}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``.
+
+    Raises:
+        UserError: no such method; the message lists close matches and all valid names.
+    """
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(REGISTRY), n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise UserError(f"unknown merge method {name!r}{hint}; valid: {', '.join(REGISTRY)}") from None
