@@ -26,6 +26,21 @@ def recipe_key(recipe: Mapping[str, Any], seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Rung:
+    """The running objective after one rung of the search split.
+
+    ``new_items`` are (stable item id, weighted value) for the items this rung added, for
+    pruners that compare trials item by item (Wilcoxon).
+    """
+
+    n_items: int
+    score: float
+    stderr: float
+    components: dict[str, float]
+    new_items: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class TrialReport:
     """What the progress printer shows for one finished trial."""
@@ -109,7 +124,7 @@ class Objective:
         result = None
         for result in self.resident.rungs("search"):
             rungs.append((result.n_items, result.score))
-            metrics = {"score": result.score, **{f"{t}": v for t, v in result.components.items()}}
+            metrics = {"score": result.score, **result.components}
             self.tracker.log_metrics(run_id, metrics, step=result.n_items)
             if self.multi_objective:
                 continue

@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator.config import CandidatesConfig, EvalConfig, SweepConfig
 from orchestrator.errors import UserError
-from orchestrator.objective import COMPLETE, Objective, TrialReport
+from orchestrator.objective import COMPLETE, Objective, Rung, TrialReport
 from orchestrator.search import MethodSpace, build_recipe, check_model_count, load_space, space_as_dict
 
 
@@ -120,7 +120,8 @@ class Resident:
         folder = candidates.base or next(iter(candidates.models.values()))
         self.evaluator = ResidentEvaluator(folder, spec, tokenizer=candidates.tokenizer_source, suite=suite)
         self.merger.model = self.evaluator.model
-        self.confirm_limit: int | None = None
+        self._leaf_info = {leaf: (t.name, suite.metrics[t.name], t.weight)
+                           for t in spec.tasks for leaf in suite.loaded(t.name, None).leaves}
 
     def merge(self, recipe: Mapping[str, Any], seed: int) -> None:
         import torch
@@ -130,11 +131,29 @@ class Resident:
             raise FloatingPointError("the merge produced NaN or inf weights")
         self.evaluator.reset()
 
-    def rungs(self, split: str) -> Iterator[Any]:
-        yield from self.evaluator.evaluate_rungs(split)
+    def rungs(self, split: str) -> Iterator[Rung]:
+        """The evaluator's rungs as ``Rung``s, with the items each one added."""
+        seen: set[tuple[str, int]] = set()
+        for result in self.evaluator.evaluate_rungs(split):
+            new = []
+            for leaf, docs in self.evaluator.item_results(split).items():
+                task, metric, weight = self._leaf_info[leaf]
+                for doc, record in docs.items():
+                    if (leaf, doc) not in seen:
+                        seen.add((leaf, doc))
+                        new.append((_item_id(leaf, doc), weight * float(record[metric])))
+            yield Rung(result.n_items, result.score, result.stderr,
+                       {k: c.value for k, c in result.components.items()}, tuple(sorted(new)))
 
     def evaluate(self, split: str) -> Any:
         return self.evaluator.evaluate(split)
+
+
+def _item_id(leaf: str, doc: int) -> int:
+    """A stable integer id of an item (the same in every worker and on resume)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{leaf}/{doc}".encode(), digest_size=6).digest(), "big")
 
 
 def union_recipe(candidates: CandidatesConfig) -> dict[str, Any]:
@@ -284,8 +303,7 @@ def run_baselines(study: Any, resident: Resident, candidates: CandidatesConfig, 
             resident.merge(recipe, cfg.study.seed)
             result = _last(resident.rungs("search"))
             stored[name] = {"search": result.score, "search_se": result.stderr,
-                            "components": {k: c.value for k, c in result.components.items()},
-                            "recipe": recipe}
+                            "components": dict(result.components), "recipe": recipe}
             run_id = tracker.start_trial(-1, {"method": "linear", "baseline": name}, kind="baseline",
                                          name=f"baseline:{name}")
             tracker.log_metrics(run_id, {"score": result.score, **stored[name]["components"]},

@@ -21,3 +21,15 @@ from tests.tiny import make_tiny_family  # noqa: E402
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """A base and three fine-tunes (tiny Llama, float32 safetensors): {'base', 'ft_a', 'ft_b', 'ft_c'}."""
     return make_tiny_family(tmp_path_factory.mktemp("tiny_family"))
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory) -> Path:
+    """The micro demo zoo (tiny base and experts, little training, seconds to build), built once.
+
+    Model folders are ``micro_zoo / name`` for the names of ``orchestrator.zoo.MODEL_NAMES``
+    (``default_model_paths(micro_zoo)``); scores are in ``micro_zoo / "zoo.json"``.
+    """
+    from orchestrator.zoo.build import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("micro_zoo") / "zoo", micro=True, log=lambda *_: None)

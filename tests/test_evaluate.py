@@ -19,7 +19,7 @@ from orchestrator.evaluate import (
     stratified_order,
 )
 from orchestrator.tasks import parse_split, split_indices
-from tests.test_evaluate_helpers import SUBJECT_SIZES, write_toy_tasks
+from tests.toy_tasks import SUBJECT_SIZES, write_toy_tasks
 
 TASKS = "toy_mmlu,toy_hellaswag"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from tests.test_evaluate_helpers import write_toy_tasks
+from tests.toy_tasks import write_toy_tasks
 
 
 @pytest.fixture(scope="module")
