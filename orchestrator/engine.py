@@ -1,0 +1,430 @@
+"""Engine: run a merge plan, streaming to disk or into a resident model.
+
+Both paths share ``compute_tensor``: inputs are read (or taken from a cache) in float32 on
+the compute device, task vectors are ``x - base`` in float32, random methods get a generator
+seeded from ``(seed, output tensor name)`` through a stable hash, so a merge is byte-identical
+whatever the order in which tensors are computed, and the in-memory merge equals the on-disk
+one bit for bit.
+
+Streaming reads one tensor from each input, merges, writes and drops it: peak memory is about
+the largest tensor times the number of inputs, not the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.errors import UserError
+from orchestrator.modelcard import render_model_card
+from orchestrator.plan import (
+    MergePlan,
+    TensorRef,
+    TensorTask,
+    VocabAlign,
+    build_plan,
+    check_recipe,
+)
+from orchestrator.recipe import Recipe
+from orchestrator.weights import (
+    ModelWeights,
+    ShardedWriter,
+    check_output_dir,
+    copy_tokenizer,
+    folder_bytes,
+    parse_size,
+    resolve_model_path,
+    staged_output,
+    write_config,
+)
+
+RECIPE_FILE = "mergekit_config.yml"
+CARD_FILE = "README.md"
+
+
+# -- setup -----------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"``; UserError if CUDA is asked for but absent."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but CUDA is not available "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {device} requested but only {torch.cuda.device_count()} "
+                        "CUDA device(s) exist")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+def open_models(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, ModelWeights]:
+    """Resolve every model reference and open its weights lazily (headers only)."""
+    return {ref: ModelWeights(resolve_model_path(ref, recipe.source_dir), allow_pickle=allow_pickle)
+            for ref in recipe.referenced_models()}
+
+
+def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path,
+              source_dir: Path | None = None) -> Recipe:
+    """A Recipe from a Recipe, a mergekit config dict, or a YAML file path."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return Recipe.from_dict(recipe, source_dir)
+    from orchestrator.recipe import load_recipe
+
+    return load_recipe(recipe)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from ``(seed, tensor name)``, stable across processes and platforms."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def make_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """The generator for one output tensor (independent of the order tensors are merged in)."""
+    return torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
+
+
+# -- readers ---------------------------------------------------------------------------------
+class StreamReader:
+    """Reads tensors on demand; keeps only the current task's base tensor."""
+
+    def __init__(self, weights: Mapping[str, ModelWeights], device: torch.device):
+        self.weights = weights
+        self.device = device
+        self._memo: dict[TensorRef, torch.Tensor] = {}
+
+    def begin(self, task: TensorTask | None = None) -> None:
+        """Forget the previous task's tensors; align this task's vocabulary rows if needed."""
+        self._memo.clear()
+        if task is not None and task.align is not None:
+            self._align(task)
+
+    def _align(self, task: TensorTask) -> None:
+        refs = [*task.inputs, *([task.base] if task.base else [])]
+        if all(ref in self._memo for ref in refs):
+            return
+        self._memo.update(align_rows({ref: self._read(ref) for ref in refs}, task.align))
+
+    def raw(self, ref: TensorRef) -> torch.Tensor:
+        """The tensor as stored (dtype and device untouched)."""
+        return self.weights[ref.model].get(ref.name)
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor:
+        """The tensor in float32 on the device (kept for the current task)."""
+        if ref not in self._memo:
+            self._memo[ref] = self._read(ref)
+        return self._memo[ref]
+
+    def delta(self, ref: TensorRef, base: TensorRef) -> torch.Tensor:
+        """The task vector ``ref - base`` in float32."""
+        return self._source(ref) - self.tensor(base)
+
+    def _source(self, ref: TensorRef) -> torch.Tensor:
+        """The (aligned) tensor if this task prepared one, else a fresh read that is not kept."""
+        x = self._memo.get(ref)
+        return self._read(ref) if x is None else x
+
+    def _read(self, ref: TensorRef) -> torch.Tensor:
+        return self.weights[ref.model].get(ref.name, device=self.device, dtype=torch.float32)
+
+
+class CachedReader(StreamReader):
+    """Keeps every tensor and task vector it computed (float32, on the device) across tasks."""
+
+    def __init__(self, weights: Mapping[str, ModelWeights], device: torch.device):
+        super().__init__(weights, device)
+        self._deltas: dict[tuple[TensorRef, TensorRef], torch.Tensor] = {}
+
+    def begin(self, task: TensorTask | None = None) -> None:
+        """Align this task's vocabulary rows if needed (the cache outlives tasks)."""
+        if task is not None and task.align is not None:
+            self._align(task)
+
+    def delta(self, ref: TensorRef, base: TensorRef) -> torch.Tensor:
+        """The task vector ``ref - base``, computed once."""
+        key = (ref, base)
+        if key not in self._deltas:
+            # Same op on the same values as StreamReader: results stay bit-identical.
+            self._deltas[key] = self._source(ref) - self.tensor(base)
+        return self._deltas[key]
+
+    def cache_bytes(self) -> int:
+        """Bytes held (float32 inputs on CPU may be views of the memory-mapped files)."""
+        return sum(t.numel() * t.element_size()
+                   for t in [*self._memo.values(), *self._deltas.values()])
+
+    def clear(self) -> None:
+        """Drop every cached tensor."""
+        self._memo.clear()
+        self._deltas.clear()
+
+
+def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int) -> torch.Tensor:
+    """Merge one output tensor in float32 (non-float tensors are copied as stored)."""
+    reader.begin(task)
+    if not task.merge:
+        return reader.raw(task.inputs[0])
+    base = reader.tensor(task.base) if task.base is not None else None
+    gen = make_generator(seed, task.name, reader.device) if method.random else None
+    try:
+        if method.inputs == "deltas" and base is not None:
+            xs = [reader.delta(ref, task.base) for ref in task.inputs]
+            out = method.fn(xs, base, task.model_params, task.params, gen) + base
+        else:
+            xs = [reader.tensor(ref) for ref in task.inputs]
+            out = method.fn(xs, base, task.model_params, task.params, gen)
+    except ValueError as err:  # methods raise ValueError for values they cannot merge with
+        raise UserError(f"{' '.join(str(err).split())} (method '{method.name}', tensor "
+                        f"{task.name})") from None
+    if tuple(out.shape) != task.shape:
+        raise RuntimeError(f"method {method.name} returned shape {tuple(out.shape)} for "
+                           f"{task.name}, expected {task.shape}")
+    return out
+
+
+def align_rows(raw: Mapping[TensorRef, torch.Tensor], align: VocabAlign) -> dict[TensorRef, torch.Tensor]:
+    """Re-order each model's rows to the output vocabulary, filling rows a model lacks.
+
+    A missing row takes the base's row when the base has the token, else the mean of the rows
+    of the models that have it, else (padding rows) the donor's mean row.
+    """
+    gathered, present = {}, {}
+    for ref, x in raw.items():
+        idx = align.index[ref.model].to(x.device)
+        present[ref] = (idx >= 0).unsqueeze(1)  # (rows, 1)
+        gathered[ref] = x[idx.clamp(min=0)]  # (rows, *rest)
+    count = sum(p.float() for p in present.values())  # (rows, 1)
+    total = sum(gathered[r] * present[r] for r in raw)  # (rows, *rest)
+    donor = next((r for r in raw if r.model == align.donor), next(iter(raw)))
+    fallback = torch.where(count > 0, total / count.clamp(min=1), raw[donor].mean(0, keepdim=True))
+    base = next((r for r in raw if r.model == align.base), None)
+    if base is not None:
+        fallback = torch.where(present[base], gathered[base], fallback)
+    return {ref: torch.where(present[ref], gathered[ref], fallback) for ref in raw}
+
+
+# -- on disk ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge to disk produced."""
+
+    out_dir: Path
+    tensors: int
+    seconds: float
+    bytes: int
+    files: tuple[str, ...] = field(default=())
+
+
+def prepare(recipe: Recipe, *, allow_pickle: bool = False) -> tuple[MergePlan, dict[str, ModelWeights]]:
+    """Validate a recipe fully (static checks, then headers) and build its plan."""
+    check_recipe(recipe)  # before any path is resolved or downloaded
+    weights = open_models(recipe, allow_pickle=allow_pickle)
+    try:
+        return build_plan(recipe, weights), weights
+    except BaseException:
+        _close(weights)
+        raise
+
+
+def _close(weights: Mapping[str, ModelWeights]) -> None:
+    for w in weights.values():
+        w.close()
+
+
+def merge_to_disk(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, *, seed: int = 0,
+                  device: str | torch.device = "cpu", allow_pickle: bool = False,
+                  shard_size: str | int = "5GB", overwrite: bool = False,
+                  progress: Callable[[int, int, str], None] | None = None) -> MergeResult:
+    """Merge to a Hugging Face model folder, streaming tensor by tensor.
+
+    Everything is validated before any tensor is read; the folder is written into a staging
+    folder and renamed into place at the end, so an error leaves nothing behind.
+
+    Args:
+        recipe: a Recipe or a mergekit config dict.
+        out_dir: the output folder (must not exist or be empty unless ``overwrite``).
+        seed: seed for random methods (DARE, DELLA...).
+        device: where to compute: ``cpu`` or ``cuda``.
+        allow_pickle: accept ``pytorch_model.bin`` inputs.
+        shard_size: largest shard, e.g. ``"5GB"``.
+        overwrite: replace an existing output folder.
+        progress: called with ``(done, total, tensor name)`` after each tensor.
+    """
+    start = time.perf_counter()
+    recipe = as_recipe(recipe)
+    max_bytes = parse_size(shard_size)
+    dev = resolve_device(device)
+    check_output_dir(Path(out_dir), overwrite)
+    plan, weights = prepare(recipe, allow_pickle=allow_pickle)
+    try:
+        _check_not_an_input(Path(out_dir), weights)
+        with staged_output(Path(out_dir), overwrite) as stage:
+            files = _stream(plan, weights, stage, dev, seed, max_bytes, progress)
+            files += write_extras(plan, weights, stage, name=Path(out_dir).name, seed=seed)
+    finally:
+        _close(weights)
+    out = Path(out_dir).absolute()
+    return MergeResult(out, len(plan.tasks), time.perf_counter() - start, folder_bytes(out),
+                       tuple(files))
+
+
+def _check_not_an_input(out_dir: Path, weights: Mapping[str, ModelWeights]) -> None:
+    target = out_dir.resolve()
+    for ref, w in weights.items():
+        if w.folder.resolve() == target:
+            raise UserError(f"output folder {out_dir} is the input model '{ref}'; choose another")
+
+
+def _stream(plan: MergePlan, weights, stage: Path, device: torch.device, seed: int,
+            max_bytes: int, progress) -> list[str]:
+    writer = ShardedWriter(stage, plan.layout(), max_bytes)
+    reader = StreamReader(weights, device)
+    try:
+        with torch.no_grad():
+            for i, task in enumerate(plan.tasks):
+                out = compute_tensor(task, plan.method, reader, seed)
+                writer.write(task.name, out.to(task.dtype))
+                del out
+                if progress:
+                    progress(i + 1, len(plan.tasks), task.name)
+        reader.begin()  # drop the last task's tensors
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def write_extras(plan: MergePlan, weights: Mapping[str, ModelWeights], folder: Path, *,
+                 name: str = "merged-model", seed: int | None = None) -> list[str]:
+    """config.json, tokenizer, model card and the recipe, next to the tensors."""
+    write_config(weights[plan.config_donor].folder, folder, updates=plan.config_updates)
+    files = ["config.json"]
+    files += copy_tokenizer(weights[plan.tokenizer_donor].folder, folder)
+    (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml(), encoding="utf-8")
+    extra = {"seed": seed} if seed is not None and plan.method.random else {}
+    hub_ids = [ref for ref, w in weights.items() if not _is_local(ref, plan.recipe, w.folder)]
+    card = render_model_card(plan.recipe, name, description=plan.method.description,
+                             reference_url=getattr(plan.method, "reference_url", ""),
+                             hub_ids=hub_ids, extra=extra)
+    (folder / CARD_FILE).write_text(card, encoding="utf-8")
+    return files + [RECIPE_FILE, CARD_FILE]
+
+
+def _is_local(ref: str, recipe: Recipe, folder: Path) -> bool:
+    """Whether ``ref`` named a local folder (rather than a Hub id that was downloaded)."""
+    roots = [recipe.source_dir, Path.cwd()] if recipe.source_dir else [Path.cwd()]
+    return any((root / Path(ref).expanduser()).resolve() == folder.resolve() for root in roots)
+
+
+# -- in memory ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergeStats:
+    """What one in-memory merge did."""
+
+    tensors: int
+    seconds: float
+    cache_bytes: int
+
+
+class InMemoryMerger:
+    """Merges into a resident model's parameters, caching inputs across merges.
+
+    Source tensors and task vectors are read and computed once (float32, on ``device``) and
+    reused by every later merge with the same model set, so a sweep trial costs only the
+    merge math. Merged values are written with ``param.copy_`` under ``no_grad``: parameter
+    objects (and tied weights) stay the same, so a wrapper around the model (lm-eval's HFLM)
+    keeps working.
+
+    Args:
+        recipe: the template recipe (Recipe, dict or YAML path); it fixes the model set.
+        model: the resident model (may also be given per call).
+        device: where to cache and compute; defaults to the model's device, else cpu.
+        seed: default seed for random methods.
+        allow_pickle: accept ``pytorch_model.bin`` inputs.
+
+    Memory: the cache holds each model's tensors once and, for task-vector methods, each
+    task vector once: up to about (2 x models) x model size in float32 on ``device``.
+    """
+
+    def __init__(self, recipe: Recipe | Mapping[str, Any] | str | Path,
+                 model: torch.nn.Module | None = None, *, device: str | torch.device | None = None,
+                 seed: int = 0, allow_pickle: bool = False):
+        self.template = as_recipe(recipe)
+        check_recipe(self.template)
+        if device is None and model is not None:
+            device = next(model.parameters()).device
+        self.device = resolve_device(device)
+        self.model = model
+        self.seed = seed
+        self.weights = open_models(self.template, allow_pickle=allow_pickle)
+        self._reader = CachedReader(self.weights, self.device)
+        self.plan(self.template)  # validate the template against the headers now
+
+    def plan(self, recipe: Recipe | Mapping[str, Any] | None = None) -> MergePlan:
+        """Validate a recipe over this merger's model set and build its plan."""
+        recipe = self.template if recipe is None else as_recipe(recipe, self.template.source_dir)
+        unknown = [m for m in recipe.referenced_models() if m not in self.weights]
+        if unknown:
+            raise UserError(f"recipe uses model(s) outside this merger's set: {', '.join(unknown)}"
+                            f" (set: {', '.join(self.weights)})")
+        return build_plan(recipe, self.weights)
+
+    def merge_into(self, recipe: Recipe | Mapping[str, Any] | None = None,
+                   model: torch.nn.Module | None = None, *, seed: int | None = None) -> MergeStats:
+        """Merge ``recipe`` (default: the template) into ``model``'s parameters in place."""
+        start = time.perf_counter()
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("merge_into needs a model (here or in the constructor)")
+        plan = self.plan(recipe)
+        targets = _targets(model, plan)
+        seed = self.seed if seed is None else seed
+        done: set[int] = set()
+        with torch.no_grad():
+            for task in plan.tasks:
+                param = targets[task.name]
+                if id(param) in done:  # tied weights: written once
+                    continue
+                out = compute_tensor(task, plan.method, self._reader, seed)
+                # Round through the output dtype first, as a merge saved to disk would.
+                param.copy_(out.to(task.dtype).to(param.dtype))
+                done.add(id(param))
+        return MergeStats(len(done), time.perf_counter() - start, self._reader.cache_bytes())
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the tensor and task-vector cache."""
+        return self._reader.cache_bytes()
+
+    def close(self) -> None:
+        """Drop the cache and file handles."""
+        self._reader.clear()
+        _close(self.weights)
+
+
+def _targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Tensor]:
+    """Output tensor name -> the model's parameter/buffer; UserError on any mismatch."""
+    state = model.state_dict(keep_vars=True)
+    targets = {}
+    for task in plan.tasks:
+        if task.name not in state:
+            raise UserError(f"the resident model has no parameter {task.name} (the merge output "
+                            "has another architecture, e.g. a different layer count)")
+        target = state[task.name]
+        if tuple(target.shape) != task.shape:
+            raise UserError(f"shape mismatch for {task.name}: merge gives {list(task.shape)}, "
+                            f"resident model has {list(target.shape)}")
+        targets[task.name] = target
+    written = {id(t) for t in targets.values()}
+    stale = [n for n, p in model.named_parameters() if id(p) not in written]
+    if stale:
+        raise UserError(f"the merge does not produce parameter(s) {', '.join(stale[:3])} of the "
+                        "resident model; they would keep stale values")
+    return targets
