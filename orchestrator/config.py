@@ -34,7 +34,7 @@ class MethodConfig:
     """Which merge methods the study compares; each has ``search_spaces/<name>.yaml``."""
 
     methods: list[str] = field(default_factory=lambda: ["ties"])
-    spaces_dir: str = str(SPACES_DIR)
+    spaces_dir: str | None = None
 
 
 @dataclass

@@ -92,10 +92,11 @@ class Objective:
             self.on_done(TrialReport(trial.number, method, trial.params, [], COMPLETE, _first(done.values),
                                      f"same recipe as trial {done.number}"))
             return done.values[0] if len(done.values) == 1 else tuple(done.values)
-        run_id = self.tracker.start_trial(trial.number, {"method": method, **trial.params})
-        self.tracker.log_artifact_data(run_id, "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+        run_id = None
         rungs: list[tuple[int, float]] = []
         try:
+            run_id = self.tracker.start_trial(trial.number, {"method": method, **trial.params})
+            self.tracker.log_artifact_data(run_id, "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
             value = self._run(trial, recipe, run_id, rungs)
         except optuna.TrialPruned:
             self.tracker.end_trial(run_id, "KILLED")

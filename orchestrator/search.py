@@ -15,7 +15,7 @@ fixed values (``fixed``)::
 
 A distribution is ``{low, high}`` (float; ``log: true``, ``step``, ``int: true`` optional),
 ``{choices: [...]}``, and any numeric one may add ``gradient: K``: K control points
-interpolated over the layers (mergekit's gradient list). Every key and every corner of every
+interpolated over the layers (mergekit's gradient list), named ``<param>.0``, ``<param>.1``... Every key and every corner of every
 range is checked against the method's params dataclasses when the space is loaded, so a typo or
 an out-of-range bound fails before the first trial.
 """
@@ -94,9 +94,9 @@ class Distribution:
         return sorted({int(round(v)) for v in values}) if self.is_int else values
 
     def suggest(self, trial: Any, name: str) -> Any:
-        """Ask the trial; a gradient returns a list of control points named ``name[i]``."""
+        """Ask the trial; a gradient returns a list of control points named ``name.i``."""
         if self.gradient:
-            return [self._suggest_one(trial, f"{name}[{i}]") for i in range(self.gradient)]
+            return [self._suggest_one(trial, f"{name}.{i}") for i in range(self.gradient)]
         return self._suggest_one(trial, name)
 
     def _suggest_one(self, trial: Any, name: str) -> Any:
@@ -108,7 +108,7 @@ class Distribution:
         return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def param_names(self, name: str) -> list[str]:
-        return [f"{name}[{i}]" for i in range(self.gradient)] if self.gradient else [name]
+        return [f"{name}.{i}" for i in range(self.gradient)] if self.gradient else [name]
 
 
 @dataclass(frozen=True)

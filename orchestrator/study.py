@@ -9,9 +9,12 @@ worker is marked failed and retried.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import optuna
 
 from orchestrator.config import PrunerConfig, SamplerConfig
 from orchestrator.errors import UserError
@@ -39,7 +42,7 @@ def storage_url(storage: str | None, runs_dir: Path) -> str:
 
 def make_storage(url: str, retries: int = 3) -> Any:
     """An Optuna storage for ``url``; a wrong or unreachable one fails here, in one line."""
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     if url.startswith("journal://") or url.endswith((".log", ".journal")):
@@ -57,9 +60,11 @@ def make_storage(url: str, retries: int = 3) -> Any:
     last: Exception | None = None
     for attempt in range(retries):
         try:
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
-                              engine_kwargs=_engine_kwargs(url))
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5.0
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                                  engine_kwargs=_engine_kwargs(url))
         except Exception as err:  # noqa: BLE001 - any driver error becomes one line below
             last = err
             if not _is_race(err):
@@ -89,9 +94,8 @@ def _short(err: Exception | None) -> str:
 
 def make_sampler(cfg: SamplerConfig, grid: Mapping[str, Sequence[Any]] | None = None) -> Any:
     """An Optuna sampler from config (seeded)."""
-    import optuna
-
     name = cfg.name
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
                                           multivariate=cfg.multivariate, group=cfg.multivariate,
@@ -112,24 +116,39 @@ def make_sampler(cfg: SamplerConfig, grid: Mapping[str, Sequence[Any]] | None = 
 
 def make_pruner(cfg: PrunerConfig, first_rung_items: int, multi_objective: bool) -> Any:
     """An Optuna pruner over the evaluator's rungs (steps are items evaluated)."""
-    import optuna
-
     if cfg.name not in PRUNERS:
         raise UserError(f"unknown pruner {cfg.name!r} in study.pruner.name; valid: {', '.join(PRUNERS)}")
     if multi_objective or cfg.name == "none":
         return optuna.pruners.NopPruner()
     if cfg.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, first_rung_items),
-                                                      reduction_factor=cfg.reduction_factor)
+        sha = optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, first_rung_items),
+                                                     reduction_factor=cfg.reduction_factor)
+        return StartupPruner(sha, cfg.n_startup_trials)
     if cfg.name == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=2)
     return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=0)
 
 
+class StartupPruner(optuna.pruners.BasePruner):
+    """Never prunes before ``n_startup_trials`` trials completed, then defers to ``wrapped``.
+
+    Successive halving compares a trial with those that reached the same rung; in the first
+    trials of a study that is a handful of points, and it prunes nearly everything.
+    """
+
+    def __init__(self, wrapped: Any, n_startup_trials: int) -> None:
+        self.wrapped = wrapped
+        self.n_startup_trials = n_startup_trials
+
+    def prune(self, study: Any, trial: Any) -> bool:
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < self.n_startup_trials:
+            return False
+        return self.wrapped.prune(study, trial)
+
+
 def open_study(name: str, storage: Any, sampler: Any, pruner: Any, directions: Sequence[str]) -> Any:
     """Create the study, or load it to resume; safe when several workers start at once."""
-    import optuna
-
     for attempt in range(5):
         try:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
@@ -146,6 +165,4 @@ def open_study(name: str, storage: Any, sampler: Any, pruner: Any, directions: S
 
 
 def _direction(text: str) -> Any:
-    import optuna
-
     return optuna.study.StudyDirection.MAXIMIZE if text == "maximize" else optuna.study.StudyDirection.MINIMIZE

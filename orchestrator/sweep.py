@@ -9,15 +9,15 @@ the best merge to ``runs/<study>/best/``.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
+from contextlib import contextmanager, redirect_stderr
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import CandidatesConfig, EvalConfig, SweepConfig
+from orchestrator.config import SPACES_DIR, CandidatesConfig, EvalConfig, SweepConfig
 from orchestrator.errors import UserError
 from orchestrator.objective import COMPLETE, Objective, Rung, TrialReport
 from orchestrator.search import MethodSpace, build_recipe, check_model_count, load_space, space_as_dict
@@ -34,6 +34,7 @@ class Row:
     confirm: float | None = None
     confirm_se: float | None = None
     components: dict[str, float] = field(default_factory=dict)
+    confirm_components: dict[str, float] = field(default_factory=dict)
     trial: int | None = None
     recipe: dict[str, Any] | None = None
 
@@ -47,7 +48,7 @@ def load_spaces(cfg: SweepConfig) -> dict[str, MethodSpace]:
         raise UserError("method.methods is empty: name at least one merge method")
     spaces = {}
     for name in cfg.method.methods:
-        space = load_space(Path(cfg.method.spaces_dir) / f"{name}.yaml", name)
+        space = load_space(Path(cfg.method.spaces_dir or SPACES_DIR) / f"{name}.yaml", name)
         check_model_count(space, len(cfg.candidates.models))
         spaces[name] = space
     if len(spaces) == 1 and next(iter(spaces.values())).is_empty():
@@ -67,32 +68,34 @@ def check_runs_dir(runs_dir: Path) -> None:
 
 
 def resolve_candidates(cand: CandidatesConfig, runs_dir: Path) -> CandidatesConfig:
-    """Absolute model paths; builds the demo/micro zoo first when the candidates name it."""
+    """Absolute model folders; builds (or installs) the demo/micro zoo first when named."""
     if not cand.models:
         raise UserError("candidates.models is empty: name the models to merge")
     if cand.zoo:
-        from orchestrator.zoo import ensure_zoo
+        from orchestrator.zoo.build import build_zoo
 
-        ensure_zoo(Path(cand.base or next(iter(cand.models.values()))).parent, micro=cand.zoo == "micro")
-    resolve = _resolve_model_ref
+        if cand.zoo not in ("demo", "micro"):
+            raise UserError(f"candidates.zoo must be 'demo', 'micro' or null, got {cand.zoo!r}")
+        zoo_dir = Path(cand.base or next(iter(cand.models.values()))).parent
+        build_zoo(zoo_dir, micro=cand.zoo == "micro",
+                  log=lambda msg: None if msg.startswith("test-split") else print(msg, flush=True))
+
+    def resolve(ref: str | None, where: str) -> str | None:
+        from orchestrator.weights import is_model_folder, resolve_model_path
+
+        if ref is None:
+            return None
+        try:
+            path = resolve_model_path(ref)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        if not is_model_folder(path):
+            raise UserError(f"{where}: {path} is not a model folder (no config.json and weights)")
+        return str(path)
+
     return CandidatesConfig(models={k: resolve(v, f"candidates.models.{k}") for k, v in cand.models.items()},
-                            base=resolve(cand.base, "candidates.base") if cand.base else None,
-                            zoo=cand.zoo, dtype=cand.dtype,
-                            tokenizer_source=(resolve(cand.tokenizer_source, "candidates.tokenizer_source")
-                                              if cand.tokenizer_source else None))
-
-
-def _resolve_model_ref(ref: str, where: str) -> str:
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{where}: {path} is not a model folder (no config.json)")
-        return str(path.resolve())
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise UserError(f"{where}: model folder not found: {ref}")
-    from orchestrator.weights import resolve_model_path
-
-    return str(resolve_model_path(ref))
+                            base=resolve(cand.base, "candidates.base"), zoo=cand.zoo, dtype=cand.dtype,
+                            tokenizer_source=resolve(cand.tokenizer_source, "candidates.tokenizer_source"))
 
 
 def eval_spec(cfg: EvalConfig, seed: int) -> Any:
@@ -111,7 +114,8 @@ def eval_spec(cfg: EvalConfig, seed: int) -> Any:
 class Resident:
     """The one loaded model, its in-memory merger and its evaluator."""
 
-    def __init__(self, candidates: CandidatesConfig, spec: Any, suite: Any, seed: int) -> None:
+    def __init__(self, candidates: CandidatesConfig, spec: Any, suite: Any, seed: int,
+                 quiet: bool = True) -> None:
         from orchestrator.engine import InMemoryMerger
         from orchestrator.evaluate import ResidentEvaluator
 
@@ -120,6 +124,7 @@ class Resident:
         folder = candidates.base or next(iter(candidates.models.values()))
         self.evaluator = ResidentEvaluator(folder, spec, tokenizer=candidates.tokenizer_source, suite=suite)
         self.merger.model = self.evaluator.model
+        self.quiet = quiet
         self._leaf_info = {leaf: (t.name, suite.metrics[t.name], t.weight)
                            for t in spec.tasks for leaf in suite.loaded(t.name, None).leaves}
 
@@ -134,7 +139,7 @@ class Resident:
     def rungs(self, split: str) -> Iterator[Rung]:
         """The evaluator's rungs as ``Rung``s, with the items each one added."""
         seen: set[tuple[str, int]] = set()
-        for result in self.evaluator.evaluate_rungs(split):
+        for result in _quiet_iter(self.evaluator.evaluate_rungs(split), self.quiet):
             new = []
             for leaf, docs in self.evaluator.item_results(split).items():
                 task, metric, weight = self._leaf_info[leaf]
@@ -146,7 +151,27 @@ class Resident:
                        {k: c.value for k, c in result.components.items()}, tuple(sorted(new)))
 
     def evaluate(self, split: str) -> Any:
-        return self.evaluator.evaluate(split)
+        with _quiet(self.quiet):
+            return self.evaluator.evaluate(split)
+
+
+@contextmanager
+def _quiet(on: bool) -> Iterator[None]:
+    """Send lm-eval's progress bars (tqdm on stderr) to nowhere while evaluating."""
+    if not on:
+        yield
+        return
+    with open(os.devnull, "w") as sink, redirect_stderr(sink):
+        yield
+
+
+def _quiet_iter(results: Iterator[Any], on: bool) -> Iterator[Any]:
+    while True:
+        with _quiet(on):
+            result = next(results, None)
+        if result is None:
+            return
+        yield result
 
 
 def _item_id(leaf: str, doc: int) -> int:
@@ -364,7 +389,7 @@ def confirm_rows(rows: list[Row], resident: Resident, seed: int, study: Any, say
                       "components": {k: c.value for k, c in result.components.items()}}
             study.set_user_attr(key, cached)
         row.confirm, row.confirm_se = cached["score"], cached["se"]
-        row.components.update({f"{k} (confirm)": v for k, v in cached["components"].items()})
+        row.confirm_components = dict(cached["components"])
         say(f"confirm {row.name:<24} {row.confirm:.4f} ± {row.confirm_se:.4f}")
 
 
@@ -384,7 +409,8 @@ def save_best(best: Row, out_dir: Path, cfg: SweepConfig, rows: list[Row]) -> Pa
     scores = {"study": cfg.study.name, "trial": best.trial, "method": best.method,
               "search": {"score": best.search, "stderr": best.search_se},
               "confirm": {"score": best.confirm, "stderr": best.confirm_se},
-              "components": best.components, "seed": cfg.study.seed}
+              "components": {"search": best.components, "confirm": best.confirm_components},
+              "recipe": best.recipe, "seed": cfg.study.seed}
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=2))
     with open(out_dir / "README.md", "a") as card:
         card.write("\n## Scores (merge-orchestrator)\n\n" + format_table(rows, None) + "\n")
@@ -396,12 +422,12 @@ def save_best(best: Row, out_dir: Path, cfg: SweepConfig, rows: list[Row]) -> Pa
 
 def format_table(rows: list[Row], spec: Any) -> str:
     """Markdown table: search and confirm scores (± standard error) per row."""
-    comp_keys = sorted({k for r in rows for k in r.components if k.endswith("(confirm)")})
-    head = ["", "method", "trial", "search", "confirm", *comp_keys]
+    comp_keys = list(dict.fromkeys(k for r in rows for k in r.confirm_components))
+    head = ["", "method", "trial", "search", "confirm", *(f"{k} (confirm)" for k in comp_keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.name, r.method, "" if r.trial is None else str(r.trial), _pm(r.search, r.search_se),
-                 _pm(r.confirm, r.confirm_se), *[_num(r.components.get(k)) for k in comp_keys]]
+                 _pm(r.confirm, r.confirm_se), *[_num(r.confirm_components.get(k)) for k in comp_keys]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -425,7 +451,8 @@ def log_summary(tracker: Any, study: Any, rows: list[Row], best: Row | None, bes
     tracker.log_artifact_data(pid, "comparison.md", table + "\n")
     if best is not None:
         tracker.log_metrics(pid, {"best_search": best.search, "best_confirm": best.confirm or float("nan"),
-                                  **{f"best.{k}": v for k, v in best.components.items()}})
+                                  **{f"best_search.{k}": v for k, v in best.components.items()},
+                                  **{f"best_confirm.{k}": v for k, v in best.confirm_components.items()}})
         tracker.set_tags(pid, {"best_trial": best.trial, "best_method": best.method})
         tracker.log_artifact_data(pid, "best/mergekit_config.yml", yaml.safe_dump(best.recipe, sort_keys=False))
     if best_dir is not None:

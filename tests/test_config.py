@@ -21,7 +21,7 @@ def test_every_conf_option_composes(group, option):
     assert cfg.study.n_trials > 0
     assert cfg.eval.tasks, "every composition names at least one task"
     for name in cfg.method.methods:
-        assert (Path(cfg.method.spaces_dir) / f"{name}.yaml").is_file(), name
+        assert (Path(cfg.method.spaces_dir or SPACES_DIR) / f"{name}.yaml").is_file(), name
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -84,7 +84,7 @@ def test_suggest_builds_a_mergekit_recipe():
 
 def test_slerp_gradient_and_first_candidate_as_base():
     space = load_space(SPACES_DIR / "slerp.yaml")
-    trial = optuna.trial.FixedTrial({"slerp.t[0]": 0.1, "slerp.t[1]": 0.5, "slerp.t[2]": 0.9})
+    trial = optuna.trial.FixedTrial({"slerp.t.0": 0.1, "slerp.t.1": 0.5, "slerp.t.2": 0.9})
     global_values, per_model = space.suggest(trial, ["a", "b"])
     recipe = build_recipe("slerp", global_values, per_model, {"a": "/m/a", "b": "/m/b"}, base="/m/base")
     assert recipe["base_model"] == "/m/a" and recipe["parameters"] == {"t": [0.1, 0.5, 0.9]}

@@ -1,0 +1,124 @@
+"""End-to-end sweeps on the micro zoo: Optuna storage, MLflow runs, pruning, resume, best merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_config(micro_zoo: Path, runs: Path, *extra: str):
+    overrides = ["experiment=debug", f"runs_dir={runs}", "candidates.zoo=null",
+                 f"candidates.base={micro_zoo / 'base'}",
+                 f"candidates.models.knowledge={micro_zoo / 'knowledge'}",
+                 f"candidates.models.commonsense={micro_zoo / 'commonsense'}", *extra]
+    return load_config(overrides), overrides
+
+
+def mlflow_runs(runs: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("merge-orchestrator")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def first_sweep(micro_zoo, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cfg, overrides = sweep_config(micro_zoo, runs, "study.n_trials=8", "method=compare",
+                                  "study.pruner.reduction_factor=2")
+    return runs, run_sweep(cfg, overrides)
+
+
+def test_trials_are_in_optuna_and_mlflow(first_sweep):
+    runs, outcome = first_sweep
+    study = optuna.load_study(study_name="debug", storage=f"sqlite:///{runs / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 8
+    all_runs = mlflow_runs(runs)
+    parents = [r for r in all_runs if r.data.tags.get("mo.kind") == "study"]
+    children = [r for r in all_runs if r.data.tags.get("mo.kind") == "trial"]
+    assert len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert sorted(int(r.data.tags["mo.trial"]) for r in children) == sorted(t.number for t in finished)
+    states = {int(r.data.tags["mo.trial"]): r.info.status for r in children}
+    for t in finished:
+        want = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[t.state.name]
+        assert states[t.number] == want, t.number
+    complete = next(r for r in children if r.info.status == "FINISHED")
+    assert "score" in complete.data.metrics and "merge_s" in complete.data.metrics
+    assert parents[0].data.params["config.study.name"] == "debug"
+    assert "sqlite" in parents[0].data.params["config.study.storage"]
+    assert "best_confirm" in parents[0].data.metrics
+
+
+def test_best_folder_loads_and_reproduces_its_score(first_sweep):
+    from orchestrator.evaluate import ResidentEvaluator
+    from orchestrator.sweep import eval_spec
+
+    runs, outcome = first_sweep
+    assert outcome.best_dir == runs / "debug" / "best"
+    scores = json.loads((outcome.best_dir / "scores.json").read_text())
+    cfg = load_config(["experiment=debug"])
+    fresh = ResidentEvaluator(outcome.best_dir, eval_spec(cfg.eval, cfg.study.seed))
+    confirm = fresh.evaluate("confirm")
+    assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
+    assert (outcome.best_dir / "mergekit_config.yml").is_file()
+    assert "Scores (merge-orchestrator)" in (outcome.best_dir / "README.md").read_text()
+
+
+def test_table_has_baselines_and_best_per_method(first_sweep):
+    _, outcome = first_sweep
+    names = [r.name for r in outcome.rows]
+    assert names[:3] == ["parent:knowledge", "parent:commonsense", "uniform average"]
+    assert any(n.startswith("best ") for n in names)
+    assert all(r.confirm is not None for r in outcome.rows)
+
+
+def test_same_study_name_resumes_and_pruning_happens(first_sweep, micro_zoo):
+    runs, _ = first_sweep
+    cfg, overrides = sweep_config(micro_zoo, runs, "study.n_trials=12", "method=compare",
+                                  "study.pruner.reduction_factor=2")
+    run_sweep(cfg, overrides)
+    study = optuna.load_study(study_name="debug", storage=f"sqlite:///{runs / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 12
+    assert optuna.trial.TrialState.PRUNED in states
+    parents = [r for r in mlflow_runs(runs) if r.data.tags.get("mo.kind") == "study"]
+    assert len(parents) == 1
+
+
+def test_failing_trials_do_not_stop_the_study(micro_zoo, tmp_path):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    # All-zero linear weights cannot be normalised: every linear trial fails.
+    (spaces / "linear.yaml").write_text("method: linear\nper_model:\n  weight: {low: 0.0, high: 0.0}\n")
+    (spaces / "task_arithmetic.yaml").write_text(
+        "method: task_arithmetic\nper_model:\n  weight: {low: 0.2, high: 1.0}\n")
+    cfg, overrides = sweep_config(micro_zoo, tmp_path / "runs", "study.n_trials=6",
+                                  "method.methods=[linear,task_arithmetic]", f"method.spaces_dir={spaces}",
+                                  "study.pruner.name=none", "study.baselines=false", "study.name=failing")
+    outcome = run_sweep(cfg, overrides)
+    study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all("fail_reason" in t.user_attrs for t in failed)
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert outcome.best is not None and outcome.best.method == "task_arithmetic"
+
+
+def test_cli_bad_override_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "study.sampler.name=annealing",
+                           f"runs_dir={tmp_path / 'runs'}", "candidates.zoo=null"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "annealing" in proc.stderr
