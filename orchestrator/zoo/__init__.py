@@ -1,0 +1,26 @@
+"""The demo zoo: tiny expert models and local MMLU/HellaSwag-format benchmark tasks.
+
+Importing this package is cheap (no torch); the builder lives in ``orchestrator.zoo.build``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+"""lm-eval include path of the demo tasks (``demo_mmlu``, ``demo_hellaswag``)."""
+
+DEFAULT_ZOO_DIR = Path("runs/zoo")
+MODEL_NAMES = ("base", "knowledge", "knowledge2", "commonsense")
+
+
+def default_model_paths(zoo_dir: str | Path = DEFAULT_ZOO_DIR) -> dict[str, Path]:
+    """Model folders of a zoo: ``{"base": ..., "knowledge": ..., "knowledge2": ..., "commonsense": ...}``."""
+    return {name: Path(zoo_dir) / name for name in MODEL_NAMES}
+
+
+def build_zoo(out: str | Path = DEFAULT_ZOO_DIR, **kwargs) -> Path:
+    """Return a valid zoo at ``out`` (see ``orchestrator.zoo.build.build_zoo``; imports torch)."""
+    from orchestrator.zoo.build import build_zoo as _build
+
+    return _build(out, **kwargs)
