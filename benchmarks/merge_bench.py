@@ -1,15 +1,37 @@
-"""Benchmark the streaming merge: seconds, peak anonymous memory and the I/O floor.
+"""Benchmark the streaming merge against the I/O floor and against mergekit, like for like.
 
-Generates a float32 Llama-shaped base and fine-tunes of a given size, then merges them with
-linear, task_arithmetic, ties, dare_ties and slerp through ``merge_to_disk`` (each in a fresh
-subprocess), and with ``mergekit-yaml`` on the same recipe when it is installed. For each run
-it prints the wall time, the peak RssAnon of the process (sampled every 10 ms from
-``/proc/<pid>/status``; RssAnon leaves out the memory-mapped page cache, so it is the memory
-the merge itself allocates) and the ratio of the time to an I/O floor measured in the same
-run: reading the inputs' bytes from the page cache and writing the output with safetensors.
+Generates a float32 Llama-shaped base and three fine-tunes of a given size, then for each of
+linear, task_arithmetic, ties, dare_ties and slerp runs, side by side, each in a fresh process
+and through its command-line entry point:
 
-    .venv/bin/python benchmarks/merge_bench.py --params 100M
+* ours: ``python -m orchestrator merge RECIPE OUT --seed 0 --shard-size 5GB``;
+* mergekit: ``mergekit-yaml RECIPE OUT --random-seed 0 --device cpu -j T --out-shard-size 1250M
+  --no-copy-tokenizer --quiet`` (1250M parameters = 5 GB of float32: one output file for both).
+
+Each child imports its tool first and times that separately, then calls the same function the
+console script calls (``orchestrator.cli.main`` / mergekit's click command), so one run gives
+both the whole-process wall time (measured by the parent, interpreter start-up included) and
+the merge time with imports excluded. Both run with ``OMP_NUM_THREADS=MKL_NUM_THREADS=T``
+(``--threads``, default 1) and mergekit also with ``-j T``. For each run the table shows the
+peak RssAnon of the process (sampled every 10 ms from ``/proc/<pid>/status``; RssAnon leaves out
+the page cache of memory-mapped inputs, so it is the memory the process allocates), and our
+merge time over an I/O floor measured twice in the same run (the lower is used):
+
+* read: every tensor of every input copied from the page cache into one reused buffer;
+* write: the output's bytes written as one safetensors file, the faster of ``save_file`` (as
+  the issue words it; it copies every tensor to ``bytes`` first) and a plain ``write`` of each
+  tensor's memory after the header.
+
+With mergekit installed the outputs of deterministic methods are compared, tensor by tensor:
+``|ours - mergekit| / |mergekit - base|`` over the whole model (L2; linear: over ``|mergekit|``).
+
+    .venv/bin/python benchmarks/merge_bench.py                       # 300M, all methods
     .venv/bin/python benchmarks/merge_bench.py --params 50M --methods linear,ties --no-mergekit
+    .venv/bin/python benchmarks/merge_bench.py --dir /tmp/mb --keep  # keep (and reuse) models
+    .venv/bin/python benchmarks/merge_bench.py --repeat 3 --mergekit-methods linear,slerp
+
+The machine this was written on is shared: with other jobs running, one run's times swing by 2x,
+so compare side-by-side ratios, and use ``--repeat`` (minimum of interleaved runs).
 """
 
 from __future__ import annotations
@@ -24,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -35,6 +58,8 @@ from orchestrator.weights import parse_size, save_state_dict  # noqa: E402
 
 VOCAB = 32000
 LAYERS = 12
+METHODS = "linear,task_arithmetic,ties,dare_ties,slerp"
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -119,7 +144,8 @@ def _rss_anon(pid: int) -> int:
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and peak RssAnon (sampled every 10 ms), plus its stdout."""
+    """Run ``cmd``: wall seconds, peak RssAnon (sampled every 10 ms), and its last stdout line
+    parsed as JSON when it is JSON."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0]
@@ -135,54 +161,85 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     seconds = time.perf_counter() - start
     thread.join()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:3])}... failed:\n{err[-2000:]}")
-    return {"seconds": seconds, "peak_anon": peak[0], "stdout": out}
+        raise RuntimeError(f"{' '.join(cmd[:3])}... failed:\n{err[-3000:]}")
+    lines = out.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        report = {}
+    return {"seconds": seconds, "peak_anon": peak[0], "report": report}
 
 
-CHILD_MERGE = """
+# Both children import their tool up front (timed), then call what the console script calls.
+CHILD_OURS = """
 import json, sys, time
+t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
-from orchestrator.engine import merge_to_disk
-from orchestrator.weights import ModelWeights
-import torch
-torch.set_num_threads({threads})
-start = time.perf_counter()
-res = merge_to_disk(json.loads({recipe!r}), {out!r}, seed=0)
-print(json.dumps({{"inner_seconds": time.perf_counter() - start, "tensors": res.tensors}}))
+import orchestrator.cli, orchestrator.commands.merge, orchestrator.engine
+t1 = time.perf_counter()
+rc = orchestrator.cli.main({argv!r})
+t2 = time.perf_counter()
+print(json.dumps({{"rc": rc, "imports": t1 - t0, "merge": t2 - t1}}))
 """
 
-CHILD_BASELINE = """
-import sys
-sys.path.insert(0, {repo!r})
-import orchestrator.engine, torch, time
+CHILD_MERGEKIT = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers, mergekit.merge, mergekit.config, mergekit.options, mergekit.merge_methods
+from transformers.models.llama import configuration_llama
+from mergekit.scripts.run_yaml import main
+t1 = time.perf_counter()
+main.main(args={argv!r}, standalone_mode=False)
+t2 = time.perf_counter()
+print(json.dumps({{"imports": t1 - t0, "merge": t2 - t1}}))
 """
 
-CHILD_MK_IMPORT = """
-import mergekit.scripts.run_yaml
+CHILD_IMPORTS = """
+import json, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {repo!r})
+import orchestrator.cli, orchestrator.commands.merge, orchestrator.engine
+print(json.dumps({{"imports": time.perf_counter() - t0}}))
 """
 
 CHILD_FLOOR = """
-import json, sys, time
+import json, struct, time
 import torch
 torch.set_num_threads({threads})
 from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 folders = json.loads({folders!r})
-reads = {{}}
+reads, buf = {{}}, None
 for folder in folders:
     start = time.perf_counter()
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
         for name in f.keys():
-            f.get_tensor(name).clone()  # get_tensor may map without copying: touch every byte
+            x = f.get_tensor(name)  # a view of the mapped file: copy its bytes into our memory
+            if buf is None or buf.numel() < x.numel():
+                buf = torch.empty(x.numel(), dtype=x.dtype)
+            buf[: x.numel()].copy_(x.view(-1))
     reads[folder] = time.perf_counter() - start
 with safe_open(str(Path(folders[0]) / "model.safetensors"), "pt") as f:
-    names = list(f.keys())
+    tensors = {{n: f.get_tensor(n) for n in f.keys()}}
     start = time.perf_counter()
-    # Written one shard-sized dict at a time would be the same bytes; one file is the floor.
-    save_file({{n: f.get_tensor(n) for n in names}}, {out!r}, metadata={{"format": "pt"}})
-    write = time.perf_counter() - start
-print(json.dumps({{"reads": reads, "write": write}}))
+    save_file(tensors, {out!r}, metadata={{"format": "pt"}})
+    save = time.perf_counter() - start
+    Path({out!r}).unlink()
+    start = time.perf_counter()
+    header, offset = {{"__metadata__": {{"format": "pt"}}}}, 0
+    for n, t in tensors.items():
+        header[n] = {{"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}}
+        offset += t.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open({out!r}, "wb") as fd:
+        fd.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            fd.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+    plain = time.perf_counter() - start
+    Path({out!r}).unlink()
+print(json.dumps({{"reads": reads, "save_file": save, "plain_write": plain}}))
 """
 
 
@@ -199,21 +256,51 @@ def warm_cache(folders: list[Path]) -> None:
                     pass
 
 
-def fmt_bytes(n: float) -> str:
+def mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def agreement(ours: Path, theirs: Path, base: Path | None) -> float:
+    """``||ours - theirs|| / ||theirs - base||`` over all tensors (``base`` None: ``||theirs||``)."""
+    from safetensors import safe_open
+
+    num = den = 0.0
+    with safe_open(str(ours / "model.safetensors"), "pt") as a, \
+            safe_open(str(_single(theirs)), "pt") as b:
+        c = safe_open(str(base / "model.safetensors"), "pt") if base else None
+        for name in b.keys():
+            y = b.get_tensor(name).float()
+            num += float((a.get_tensor(name).float() - y).square().sum())
+            ref = y - c.get_tensor(name).float() if c is not None else y
+            den += float(ref.square().sum())
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def _single(folder: Path) -> Path:
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one output file in {folder}, found {len(files)}")
+    return files[0]
 
 
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="300M", help="parameters per model (e.g. 50M, 300M)")
-    parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,slerp")
-    parser.add_argument("--dir", default=None, help="where to generate models (default: a temp dir)")
+    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--mergekit-methods", default=None,
+                        help="methods to run mergekit on (default: all of --methods)")
+    parser.add_argument("--dir", default=None,
+                        help="where to generate models (default: a temp dir); models already "
+                             "there (same shape) are reused")
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit-yaml")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing outputs")
     # One thread by default: on a shared, oversubscribed machine OpenMP threads spin-wait on
-    # descheduled peers and elementwise ops get ~100x slower.
+    # descheduled peers and elementwise ops get much slower.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both tools)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per tool and method, interleaved; the table shows the fastest")
     args = parser.parse_args(argv)
 
     params = parse_size(args.params.upper().rstrip("B").replace("M", "MB").replace("G", "GB"))
@@ -222,70 +309,125 @@ def main(argv: list[str] | None = None) -> int:
     mergekit = Path(sys.executable).parent / "mergekit-yaml"
     use_mergekit = mergekit.exists() and not args.no_mergekit
     try:
-        return _bench(args, root, hidden, layers, mergekit if use_mergekit else None)
+        return _bench(args, root, hidden, layers, use_mergekit)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _bench(args, root: Path, hidden: int, layers: int, mergekit: Path | None) -> int:
-    numel = sum(math.prod(s) for s in _shapes(hidden, layers).values())
-    print(f"models: hidden {hidden}, {layers} layers, {numel / 1e6:.0f}M params "
-          f"({numel * 4 / 2**20:.0f} MiB float32 each); dir {root}; torch threads {args.threads}")
+def _models(root: Path, hidden: int, layers: int) -> None:
+    config = root / "base" / "config.json"
+    if config.exists() and json.loads(config.read_text())["hidden_size"] == hidden and all(
+            (root / f"ft_{i}" / "model.safetensors").exists() for i in range(3)):
+        print("reusing the models there")
+        return
     t0 = time.perf_counter()
     make_model(root / "base", hidden, layers, 0, None)
     for i in range(3):
         make_model(root / f"ft_{i}", hidden, layers, i + 1, root / "base")
     print(f"generated base + 3 fine-tunes in {time.perf_counter() - t0:.0f}s")
+
+
+def _floor(root: Path, folders: list[Path], threads: int) -> dict:
+    return run_measured(python_cmd(CHILD_FLOOR.format(
+        folders=json.dumps([str(f) for f in folders]), out=str(root / "floor.safetensors"),
+        threads=threads)))["report"]
+
+
+def _bench(args, root: Path, hidden: int, layers: int, use_mergekit: bool) -> int:
+    numel = sum(math.prod(s) for s in _shapes(hidden, layers).values())
+    largest = max(math.prod(s) for s in _shapes(hidden, layers).values()) * 4
+    print(f"# merge_bench {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}"
+          f"; threads {args.threads}")
+    print(f"models: hidden {hidden}, {layers} layers, {numel / 1e6:.0f}M params, "
+          f"{mib(numel * 4)} float32 each (largest tensor {mib(largest)}); dir {root}")
+    _models(root, hidden, layers)
     folders = [root / "base", *(root / f"ft_{i}" for i in range(3))]
     warm_cache(folders)
-    floor = json.loads(run_measured(python_cmd(CHILD_FLOOR.format(
-        folders=json.dumps([str(f) for f in folders]), out=str(root / "floor.safetensors"),
-        threads=args.threads)))["stdout"])
-    (root / "floor.safetensors").unlink(missing_ok=True)
-    base_run = run_measured(python_cmd(CHILD_BASELINE.format(repo=str(REPO))))
-    baseline = base_run["peak_anon"]
-    mk_start = run_measured(python_cmd(CHILD_MK_IMPORT))["seconds"] if mergekit else float("nan")
-    print(f"I/O floor: read {', '.join(f'{Path(k).name} {v:.2f}s' for k, v in floor['reads'].items())}"
-          f"; write {floor['write']:.2f}s")
-    print(f"start-up: ours {base_run['seconds']:.1f}s (RssAnon {fmt_bytes(baseline).strip()}), "
-          f"mergekit {mk_start:.1f}s (imports only; 'wall' columns include them)")
-    largest = max(math.prod(s) for s in _shapes(hidden, layers).values()) * 4
-    print(f"largest tensor {fmt_bytes(largest)}; model {fmt_bytes(numel * 4)}\n")
-    header = (f"{'method':16} {'merge s':>7} {'floor s':>7} {'ratio':>5} {'wall s':>6} "
-              f"{'peak anon':>10} {'- import':>10} {'mk wall s':>9} {'mk peak anon':>12}")
-    print(header)
-    print("-" * len(header))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    floors = [_floor(root, folders, args.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    idle = run_measured(python_cmd(CHILD_IMPORTS.format(repo=str(REPO))), env)
+    print(f"our imports alone: {idle['seconds']:.1f}s wall, RssAnon {mib(idle['peak_anon'])}")
+    mk_methods = set((args.mergekit_methods or args.methods).split(",")) if use_mergekit else set()
+    rows = []
     for method in args.methods.split(","):
-        _bench_method(method, recipes(root)[method], root, floor, (baseline, mk_start), mergekit,
-                      env, args)
+        rows.append(_bench_method(method, recipes(root)[method], root, env, args,
+                                  method in mk_methods))
+    floors.append(_floor(root, folders, args.threads))
+    floor = {"reads": {k: min(f["reads"][k] for f in floors) for k in floors[0]["reads"]},
+             "write": min(min(f["save_file"], f["plain_write"]) for f in floors)}
+    for i, f in enumerate(floors):
+        print(f"I/O floor run {i + 1}: read " + ", ".join(
+            f"{Path(k).name} {v:.2f}s" for k, v in f["reads"].items())
+            + f"; write: save_file {f['save_file']:.2f}s, plain {f['plain_write']:.2f}s")
+    _table(rows, floor)
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 
-def _bench_method(method, recipe, root, floor, start, mergekit, env, args) -> None:
-    """One method: our merge (subprocess) and mergekit-yaml's, one table row."""
-    baseline, mk_start = start
-    used = {recipe.get("base_model")} | {m["model"] for m in recipe["models"]}
-    used.discard(None)
-    floor_s = sum(floor["reads"][m] for m in used) + floor["write"]
-    out = root / f"out_{method}"
-    warm_cache([Path(m) for m in used])
-    ours = run_measured(python_cmd(CHILD_MERGE.format(
-        repo=str(REPO), recipe=json.dumps(recipe), out=str(out), threads=args.threads)), env)
-    shutil.rmtree(out, ignore_errors=True)
-    mk = {"seconds": float("nan"), "peak_anon": 0}
-    if mergekit is not None:
-        (root / "recipe.yml").write_text(json.dumps(recipe))  # JSON is YAML
-        mk = run_measured([str(mergekit), str(root / "recipe.yml"), str(out), "--quiet",
-                           "--device", "cpu", "-j", str(args.threads), "--no-copy-tokenizer",
-                           "--random-seed", "0"], env)
-        shutil.rmtree(out, ignore_errors=True)
-    seconds = json.loads(ours["stdout"].strip().splitlines()[-1])["inner_seconds"]
-    print(f"{method:16} {seconds:7.2f} {floor_s:7.2f} {seconds / floor_s:5.2f} "
-          f"{ours['seconds']:6.1f} {fmt_bytes(ours['peak_anon']):>10} "
-          f"{fmt_bytes(ours['peak_anon'] - baseline):>10} {mk['seconds']:9.1f} "
-          f"{fmt_bytes(mk['peak_anon']) if mk['peak_anon'] else '-':>12}", flush=True)
+def _bench_method(method: str, recipe: dict, root: Path, env: dict, args, with_mergekit: bool) -> dict:
+    """One method: our CLI and mergekit's, each in a fresh process, ``--repeat`` times
+    interleaved (times: the minimum; memory: the maximum); outputs compared once."""
+    used = [m["model"] for m in recipe["models"]] + [recipe.get("base_model")]
+    used = sorted({m for m in used if m})
+    (root / "recipe.yml").write_text(json.dumps(recipe))  # JSON is YAML
+    ours_out, mk_out = root / f"out_{method}", root / f"mk_{method}"
+    argv = ["merge", str(root / "recipe.yml"), str(ours_out), "--seed", "0", "--shard-size", "5GB",
+            "--quiet"]
+    mk_argv = [str(root / "recipe.yml"), str(mk_out), "--random-seed", "0", "--device", "cpu",
+               "-j", str(args.threads), "--out-shard-size", "1250M", "--no-copy-tokenizer",
+               "--quiet"]
+    runs: dict[str, list[dict]] = {"ours": [], "mk": []}
+    row = {"method": method, "used": used, "agree": None}
+    for i in range(args.repeat):
+        for side in ("ours", "mk") if with_mergekit else ("ours",):
+            out = ours_out if side == "ours" else mk_out
+            shutil.rmtree(out, ignore_errors=True)
+            warm_cache([Path(m) for m in used])
+            code = (CHILD_OURS.format(repo=str(REPO), argv=argv) if side == "ours"
+                    else CHILD_MERGEKIT.format(argv=mk_argv))
+            runs[side].append(run_measured(python_cmd(code), env))
+        if i == 0 and with_mergekit and not args.no_check and method not in RANDOM:
+            base = recipe.get("base_model") if method != "linear" else None
+            row["agree"] = agreement(ours_out, mk_out, Path(base) if base else None)
+    shutil.rmtree(ours_out, ignore_errors=True)
+    shutil.rmtree(mk_out, ignore_errors=True)
+    row["ours"], row["mk"] = _best(runs["ours"]), _best(runs["mk"]) if runs["mk"] else None
+    for side in ("ours", "mk"):
+        for r in runs[side]:
+            print(f"{method} {'ours' if side == 'ours' else 'mergekit'}: {r['seconds']:.1f}s wall, "
+                  f"{r['report']['merge']:.2f}s merge, {mib(r['peak_anon'])}", flush=True)
+    return row
+
+
+def _best(runs: list[dict]) -> dict:
+    """Fastest wall and merge times, largest peak memory, over repeated runs."""
+    return {"seconds": min(r["seconds"] for r in runs),
+            "peak_anon": max(r["peak_anon"] for r in runs),
+            "report": {"merge": min(r["report"]["merge"] for r in runs)}}
+
+
+def _table(rows: list[dict], floor: dict) -> None:
+    print("\n| method | ours merge s | I/O floor s | merge / floor | ours wall s | ours peak RssAnon "
+          "| mergekit merge s | mergekit wall s | mergekit peak RssAnon | speed-up merge | "
+          "speed-up wall | vs mergekit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        ours, mk = row["ours"], row["mk"]
+        merge = ours["report"]["merge"]
+        floor_s = sum(floor["reads"][m] for m in row["used"]) + floor["write"]
+        cells = [row["method"], f"{merge:.2f}", f"{floor_s:.2f}", f"{merge / floor_s:.2f}",
+                 f"{ours['seconds']:.1f}", mib(ours["peak_anon"])]
+        if mk:
+            mk_merge = mk["report"]["merge"]
+            cells += [f"{mk_merge:.2f}", f"{mk['seconds']:.1f}", mib(mk["peak_anon"]),
+                      f"{mk_merge / merge:.1f}x", f"{mk['seconds'] / ours['seconds']:.1f}x",
+                      "random" if row["agree"] is None else f"{row['agree']:.1e}"]
+        else:
+            cells += ["-"] * 6
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,22 @@ seeded from ``(seed, output tensor name)`` through a stable hash, so a merge is 
 whatever the order in which tensors are computed, and the in-memory merge equals the on-disk
 one bit for bit.
 
-Streaming reads one tensor from each input, merges, writes and drops it: peak memory is about
-the largest tensor times the number of inputs, not the model size.
+Streaming reads one tensor from each input, merges, writes and drops it. Float32 safetensors
+inputs are memory-mapped views (page cache, not the process's own memory), and task-vector
+methods compute ``x - base`` a slice at a time inside the merge (``merge.task_arithmetic.
+merge_models``) instead of holding every task vector: peak memory is about the largest tensor
+(times a small factor for methods with scratch: TIES' magnitude ranks, DARE's masks), not the
+model size or the number of inputs. Output and scratch buffers come from a ``Workspace``
+reused tensor after tensor (and merge after merge in memory): fresh memory costs a page fault
+per page on first touch, as much as the merge arithmetic itself on a VM.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +31,8 @@ from typing import Any
 import torch
 
 from orchestrator.errors import UserError
+from orchestrator.merge.chunks import Workspace
+from orchestrator.merge.task_arithmetic import tensor_variant
 from orchestrator.modelcard import render_model_card
 from orchestrator.plan import (
     MergePlan,
@@ -94,7 +105,13 @@ def make_generator(seed: int, name: str, device: torch.device) -> torch.Generato
 
 # -- readers ---------------------------------------------------------------------------------
 class StreamReader:
-    """Reads tensors on demand; keeps only the current task's base tensor."""
+    """Reads tensors on demand; keeps only the current task's base tensor.
+
+    ``fused``: task-vector methods get the models' own tensors and subtract the base a slice at
+    a time (``merge_models``) instead of receiving whole task vectors.
+    """
+
+    fused = True
 
     def __init__(self, weights: Mapping[str, ModelWeights], device: torch.device):
         self.weights = weights
@@ -116,6 +133,15 @@ class StreamReader:
     def raw(self, ref: TensorRef) -> torch.Tensor:
         """The tensor as stored (dtype and device untouched)."""
         return self.weights[ref.model].get(ref.name)
+
+    def stored(self, ref: TensorRef) -> torch.Tensor:
+        """This task's aligned float32 tensor, else the tensor as stored, on the device.
+
+        No float32 copy is made: a float32 safetensors tensor on CPU is a view of the mapped
+        file (read-only use only).
+        """
+        x = self._memo.get(ref)
+        return x if x is not None else self.weights[ref.model].get(ref.name, device=self.device)
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """The tensor in float32 on the device (kept for the current task)."""
@@ -139,6 +165,8 @@ class StreamReader:
 class CachedReader(StreamReader):
     """Keeps every tensor and task vector it computed (float32, on the device) across tasks."""
 
+    fused = False  # the cached task vectors are what makes repeated merges cheap
+
     def __init__(self, weights: Mapping[str, ModelWeights], device: torch.device):
         super().__init__(weights, device)
         self._deltas: dict[tuple[TensorRef, TensorRef], torch.Tensor] = {}
@@ -156,6 +184,12 @@ class CachedReader(StreamReader):
             self._deltas[key] = self._source(ref) - self.tensor(base)
         return self._deltas[key]
 
+    def cached(self, refs) -> list[torch.Tensor]:
+        """The tensors and task vectors held for ``refs`` (what a merge of them reads)."""
+        wanted = set(refs)
+        return [*(t for r, t in self._memo.items() if r in wanted),
+                *(t for (r, b), t in self._deltas.items() if r in wanted or b in wanted)]
+
     def cache_bytes(self) -> int:
         """Bytes held (float32 inputs on CPU may be views of the memory-mapped files)."""
         return sum(t.numel() * t.element_size()
@@ -167,27 +201,69 @@ class CachedReader(StreamReader):
         self._deltas.clear()
 
 
-def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int) -> torch.Tensor:
-    """Merge one output tensor in float32 (non-float tensors are copied as stored)."""
+@functools.lru_cache(maxsize=None)
+def _fused(fn: Callable) -> Callable | None:
+    """The method's models-in variant (task-vector methods), made once per registry entry."""
+    return tensor_variant(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _extras(fn: Callable) -> frozenset[str]:
+    """Which of the optional ``out`` / ``workspace`` keywords a merge function accepts."""
+    try:
+        names = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(k for k in ("out", "workspace") if k in names)
+
+
+def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int,
+                   workspace: Workspace | None = None, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge one output tensor in float32 (non-float tensors are copied as stored).
+
+    With a ``workspace`` the result may live in it (valid until the next call with the same
+    workspace) and the method's scratch memory is reused from call to call. ``out`` (float32,
+    contiguous, the task's shape, sharing no memory with any input) is written into and
+    returned when the method accepts one.
+    """
     reader.begin(task)
     if not task.merge:
         return reader.raw(task.inputs[0])
-    base = reader.tensor(task.base) if task.base is not None else None
     gen = make_generator(seed, task.name, reader.device) if method.random else None
+    fused = (reader.fused and method.inputs == "deltas" and task.base is not None
+             and _fused(method.fn))
+    fn = fused or method.fn
+    extra: dict[str, Any] = {}
+    accepted = _extras(fn)
+    if "out" in accepted and out is not None:
+        extra["out"] = out
+    elif "out" in accepted and workspace is not None:
+        extra["out"] = workspace.get("out", math.prod(task.shape), torch.float32,
+                                     reader.device).view(task.shape)
+    if "workspace" in accepted and workspace is not None:
+        extra["workspace"] = workspace
     try:
-        if method.inputs == "deltas" and base is not None:
+        if fused:  # base + merged delta, task vectors computed per slice (same bits)
+            xs = [reader.stored(ref) for ref in task.inputs]
+            merged = fused(xs, reader.stored(task.base), task.model_params, task.params, gen,
+                           **extra)
+        elif method.inputs == "deltas" and task.base is not None:
+            base = reader.tensor(task.base)
             xs = [reader.delta(ref, task.base) for ref in task.inputs]
-            out = method.fn(xs, base, task.model_params, task.params, gen) + base
+            # The method returns a new tensor (the registry contract) or `out`: add in place.
+            merged = method.fn(xs, base, task.model_params, task.params, gen, **extra).add_(base)
         else:
+            base = reader.tensor(task.base) if task.base is not None else None
             xs = [reader.tensor(ref) for ref in task.inputs]
-            out = method.fn(xs, base, task.model_params, task.params, gen)
+            merged = method.fn(xs, base, task.model_params, task.params, gen, **extra)
     except ValueError as err:  # methods raise ValueError for values they cannot merge with
         raise UserError(f"{' '.join(str(err).split())} (method '{method.name}', tensor "
                         f"{task.name})") from None
-    if tuple(out.shape) != task.shape:
-        raise RuntimeError(f"method {method.name} returned shape {tuple(out.shape)} for "
+    if tuple(merged.shape) != task.shape:
+        raise RuntimeError(f"method {method.name} returned shape {tuple(merged.shape)} for "
                            f"{task.name}, expected {task.shape}")
-    return out
+    return merged
 
 
 def align_rows(raw: Mapping[TensorRef, torch.Tensor], align: VocabAlign) -> dict[TensorRef, torch.Tensor]:
@@ -287,11 +363,12 @@ def _stream(plan: MergePlan, weights, stage: Path, device: torch.device, seed: i
             max_bytes: int, progress) -> list[str]:
     writer = ShardedWriter(stage, plan.layout(), max_bytes)
     reader = StreamReader(weights, device)
+    workspace = Workspace()  # output and scratch buffers, reused tensor after tensor
     try:
         with torch.no_grad():
             for i, task in enumerate(plan.tasks):
-                out = compute_tensor(task, plan.method, reader, seed)
-                writer.write(task.name, out.to(task.dtype))
+                out = compute_tensor(task, plan.method, reader, seed, workspace)
+                writer.write(task.name, cast(out, task.dtype, workspace))
                 del out
                 if progress:
                     progress(i + 1, len(plan.tasks), task.name)
@@ -299,7 +376,17 @@ def _stream(plan: MergePlan, weights, stage: Path, device: torch.device, seed: i
     except BaseException:
         writer.abort()
         raise
+    finally:
+        workspace.clear()
     return writer.close()
+
+
+def cast(out: torch.Tensor, dtype: torch.dtype, workspace: Workspace | None = None) -> torch.Tensor:
+    """``out.to(dtype)``, into a reused workspace buffer when converting."""
+    if out.dtype == dtype or workspace is None:
+        return out.to(dtype)
+    buf = workspace.get(f"cast_{dtype}", out.numel(), dtype, out.device)
+    return buf.view(out.shape).copy_(out)
 
 
 def write_extras(plan: MergePlan, weights: Mapping[str, ModelWeights], folder: Path, *,
@@ -366,6 +453,7 @@ class InMemoryMerger:
         self.seed = seed
         self.weights = open_models(self.template, allow_pickle=allow_pickle)
         self._reader = CachedReader(self.weights, self.device)
+        self._workspace = Workspace()  # output and scratch buffers, reused across merges
         self.plan(self.template)  # validate the template against the headers now
 
     def plan(self, recipe: Recipe | Mapping[str, Any] | None = None) -> MergePlan:
@@ -393,9 +481,13 @@ class InMemoryMerger:
                 param = targets[task.name]
                 if id(param) in done:  # tied weights: written once
                     continue
-                out = compute_tensor(task, plan.method, self._reader, seed)
-                # Round through the output dtype first, as a merge saved to disk would.
-                param.copy_(out.to(task.dtype).to(param.dtype))
+                direct = _writable_target(param, task, self._reader)
+                out = compute_tensor(task, plan.method, self._reader, seed, self._workspace,
+                                     out=direct)
+                if direct is None or out is not direct:
+                    # Round through the output dtype first, as a merge saved to disk would
+                    # (copy_ then converts to the parameter's dtype).
+                    param.copy_(cast(out, task.dtype, self._workspace))
                 done.add(id(param))
         return MergeStats(len(done), time.perf_counter() - start, self._reader.cache_bytes())
 
@@ -404,9 +496,31 @@ class InMemoryMerger:
         return self._reader.cache_bytes()
 
     def close(self) -> None:
-        """Drop the cache and file handles."""
+        """Drop the cache, the scratch buffers and the file handles."""
         self._reader.clear()
+        self._workspace.clear()
         _close(self.weights)
+
+
+def _writable_target(param: torch.Tensor, task: TensorTask,
+                     reader: CachedReader) -> torch.Tensor | None:
+    """``param.data`` when the merge can be computed straight into it, else ``None``.
+
+    That needs float32 output and parameter (no rounding step in between), a contiguous
+    parameter on the compute device, and no memory shared with the task's inputs (a
+    parameter that is a view of a cached source tensor must not be overwritten mid-merge).
+    """
+    if not (task.merge and task.dtype == torch.float32 and param.dtype == torch.float32
+            and param.is_contiguous() and param.device == reader.device):
+        return None
+    refs = [*task.inputs, *([task.base] if task.base is not None else [])]
+    storage = param.untyped_storage()
+    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    for x in reader.cached(refs):
+        s = x.untyped_storage()
+        if s.data_ptr() < hi and lo < s.data_ptr() + s.nbytes():
+            return None
+    return param.data
 
 
 def _targets(model: torch.nn.Module, plan: MergePlan) -> dict[str, torch.Tensor]:

@@ -11,18 +11,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from orchestrator.merge.linear import weighted_sum
 
 SignMethod = Literal["weighted_sum", "sum"]
 
 
-def disjoint_merge(trimmed: Tensor, weights: Sequence[float], sign_method: SignMethod, *,
-                   divisor: bool) -> tuple[Tensor, Tensor | None]:
+def disjoint_merge(trimmed: Sequence[Tensor], weights: Sequence[float], sign_method: SignMethod, *,
+                   divisor: bool, work: Sequence[Tensor] | None = None, out: Tensor | None = None,
+                   elected: Tensor | None = None,
+                   total: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Sum the weighted deltas that agree with the elected sign.
 
     Args:
-        trimmed: the sparsified task vectors, unweighted, shape ``(n, *shape)``; used as
-            scratch space (overwritten).
+        trimmed: the sparsified task vectors, unweighted, all of one shape (a stacked
+            ``(n, *shape)`` tensor works too); read only, unless ``work`` is ``None``.
         weights: one weight per task vector.
         sign_method: ``"weighted_sum"`` (mergekit): elect ``sign(sum_i w_i t_i)`` and count a
             model's weight where ``w_i t_i`` agrees; ``"sum"`` (paper, PEFT): elect
@@ -30,40 +31,58 @@ def disjoint_merge(trimmed: Tensor, weights: Sequence[float], sign_method: SignM
             (pruned entries) never agree.
         divisor: also return the per-entry divisor for normalizing (where no model agrees it is
             a positive placeholder, as mergekit's 1: the merged value there is 0).
+        work: one scratch tensor per task vector (may be the task vector itself); default:
+            ``trimmed`` (overwritten).
+        out, elected, total: where to put the merged sum, the elected signs and the divisor
+            (default: new tensors). Used per slice by the chunked merge.
 
     Returns:
-        ``(mixed, divisor)``: ``sum_i w_i t_i [agrees_i]`` of shape ``shape``, and the divisor
-        or ``None``.
+        ``(mixed, divisor)``: ``sum_i w_i t_i [agrees_i]`` (in ``out``), and the divisor or
+        ``None``.
     """
+    work = trimmed if work is None else work
     votes = list(weights) if sign_method == "weighted_sum" else [1.0] * len(weights)
     counted = votes  # what an agreeing model adds to the divisor: its weight (or 1)
     # Elect sign: +1 where the (weighted) sum is >= 0, else -1. copysign maps a -0.0 sum to -1,
     # but such a sum has only zero terms, which agree with neither sign: the result is the same.
-    total_vote = weighted_sum(list(trimmed), votes)  # (*shape)
-    elected = torch.copysign(torch.ones((), device=total_vote.device), total_vote, out=total_vote)
+    first = trimmed[0]
+    if elected is None:
+        elected = torch.empty(first.shape, dtype=torch.float32, device=first.device)
+    torch.mul(first, votes[0], out=elected)  # (*shape) the vote: sum_i v_i t_i
+    for t, v in zip(trimmed[1:], votes[1:]):
+        elected.add_(t, alpha=v)
+    torch.copysign(torch.ones((), device=elected.device), elected, out=elected)
     # Disjoint merge. Where t_i agrees, w_i t_i = w_i s_i elected |t_i| with s_i = sign(vote_i),
     # so accumulate w_i s_i |t_i| over agreeing entries and apply the elected sign once at the end.
-    mixed = total = None
-    for t, w, vote, count in zip(trimmed, weights, votes, counted):
+    mixed = summed = None
+    for t, scratch, w, vote, count in zip(trimmed, work, weights, votes, counted):
         if vote == 0:
             continue  # a zero-weighted vote never agrees (mergekit: sign(0) != ±1)
-        s = 1.0 if vote > 0 else -1.0
-        agreeing = t.mul_(elected) if s > 0 else t.mul_(elected).neg_()
+        agreeing = torch.mul(t, elected, out=scratch)
+        if vote < 0:
+            agreeing.neg_()
         agreeing.relu_()  # (*shape) |t_i| where it agrees, else 0
-        mixed = _accumulate(mixed, agreeing, w * s)
+        mixed = _accumulate(mixed, agreeing, w if vote > 0 else -w, out)
         if divisor:
-            total = _accumulate(total, agreeing.sign_(), count)
+            summed = _accumulate(summed, agreeing.sign_(), count, total)
     if mixed is None:  # every vote was zero: nothing agrees anywhere
-        mixed, total = torch.zeros_like(elected), torch.zeros_like(elected) if divisor else None
+        mixed = _zeros_like(elected, out)
+        summed = _zeros_like(elected, total) if divisor else None
     mixed.mul_(elected)
+    if summed is not None:
+        _replace_zeros_by_one(summed, counted)
+    return mixed, summed
+
+
+def _zeros_like(x: Tensor, out: Tensor | None) -> Tensor:
+    return torch.zeros_like(x) if out is None else out.zero_()
+
+
+def _accumulate(total: Tensor | None, x: Tensor, alpha: float, out: Tensor | None) -> Tensor:
+    """``total + alpha * x``, in place; for the first term ``alpha * x`` into ``out`` (or new)."""
     if total is not None:
-        _replace_zeros_by_one(total, counted)
-    return mixed, total
-
-
-def _accumulate(total: Tensor | None, x: Tensor, alpha: float) -> Tensor:
-    """``total + alpha * x``, in place; a new tensor for the first term."""
-    return torch.mul(x, alpha) if total is None else total.add_(x, alpha=alpha)
+        return total.add_(x, alpha=alpha)
+    return torch.mul(x, alpha) if out is None else torch.mul(x, alpha, out=out)
 
 
 def _replace_zeros_by_one(total: Tensor, counted: Sequence[float]) -> None:

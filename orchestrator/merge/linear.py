@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from orchestrator.merge import chunks
 from orchestrator.merge.base import check_bool, check_range
 
 
@@ -42,17 +43,42 @@ class LinearParams:
         check_bool("normalize", self.normalize)
 
 
-def weighted_sum(xs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """``sum_i w_i x_i`` in float32, into one new tensor."""
-    out = torch.mul(xs[0].float(), weights[0])  # (*shape)
-    for x, w in zip(xs[1:], weights[1:]):
-        out.add_(x.float(), alpha=w)  # (*shape)
-    return out
+def weighted_sum(xs: Sequence[Tensor], weights: Sequence[float], *,
+                 divide_by: float | None = None, out: Tensor | None = None) -> Tensor:
+    """``sum_i w_i x_i`` (then ``/ divide_by``) in float32, into one new tensor (or ``out``).
+
+    Computed a cache-sized slice at a time (``chunks.py``): each input is read once and the
+    output written once, with no full-size temporaries; the bits equal the whole-tensor
+    ``w_0 x_0 + w_1 x_1 + ...`` (then ``/ divide_by``), evaluated left to right.
+    """
+    shape, device = xs[0].shape, xs[0].device
+    flats = [chunks.flat(x) for x in xs]
+    n = flats[0].numel()
+    result = torch.empty(shape, dtype=torch.float32, device=device) if out is None else out
+    flat_out = result.view(-1)  # (n,)
+    size = chunks.chunk_size(device, n)
+    conv = chunks.buffers(1, size, device)[0] if any(x.dtype != torch.float32 for x in xs) else None
+    for start, stop in chunks.spans(n, size):
+        o = flat_out[start:stop]
+        torch.mul(_f32(flats[0][start:stop], conv), weights[0], out=o)
+        for x, w in zip(flats[1:], weights[1:]):
+            o.add_(_f32(x[start:stop], conv), alpha=w)
+        if divide_by is not None:
+            o.div_(divide_by)
+    return result
+
+
+def _f32(x: Tensor, conv: Tensor | None) -> Tensor:
+    return x if conv is None else chunks.as_float32(x, conv)
 
 
 def linear(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[WeightParams],
-           params: LinearParams, generator: torch.Generator | None) -> Tensor:
+           params: LinearParams, generator: torch.Generator | None, *,
+           out: Tensor | None = None) -> Tensor:
     """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``.
+
+    ``out``: a float32 tensor of the inputs' shape to write into and return (a caller merging
+    many tensors reuses one); default: a new tensor.
 
     Raises:
         ValueError: ``normalize`` is set and the weights sum to zero (mergekit would return
@@ -63,5 +89,4 @@ def linear(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[WeightPar
     if params.normalize and abs(total) < 1e-8:
         raise ValueError(f"weights sum to zero ({weights}) with normalize: true; "
                          "change the weights or set normalize: false")
-    out = weighted_sum(xs, weights)
-    return out.div_(total) if params.normalize else out
+    return weighted_sum(xs, weights, divide_by=total if params.normalize else None, out=out)

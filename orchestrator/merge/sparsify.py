@@ -17,18 +17,28 @@ passed in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from orchestrator.merge.selection import rank_window
+from orchestrator.merge import chunks
+from orchestrator.merge.selection import (
+    Window,
+    nth_equal,
+    rank_window,
+    sampled_window,
+    window_of,
+)
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 RescaleMode = Literal["l1", "density"]
 
 _L1_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
+SAMPLED_SELECTION_MIN = 1 << 20  # entries from which magnitude ranks use sampled_window
+SELECTION_SAMPLE = 1 << 16  # entries sampled to bracket a rank
 
 
 def magnitude(delta: Tensor, model: Any, generator: torch.Generator | None, out: Tensor) -> float:
@@ -133,3 +143,253 @@ def _required(generator: torch.Generator | None) -> torch.Generator:
         raise ValueError("this merge method is random and needs a seeded torch.Generator "
                          "(the global RNG is never used)")
     return generator
+
+
+# -- chunked: task vectors read a slice at a time, sparsified without full-size temporaries ------
+
+class TaskVectors:
+    """The task vectors of one tensor, read a slice at a time.
+
+    Either stored (``xs`` are the task vectors) or computed per slice as ``x_i - base`` from
+    the models' own tensors, in float32 whatever their stored dtype, without ever holding a
+    whole task vector. Both give the same bits: the subtraction is elementwise.
+
+    Args:
+        xs: the task vectors, or (with ``base``) the models' tensors; never modified.
+        base: the base tensor when ``xs`` are the models' tensors.
+        workspace: where scratch buffers come from (``chunks.Workspace``; default: new ones).
+    """
+
+    def __init__(self, xs: Sequence[Tensor], base: Tensor | None = None,
+                 workspace: chunks.Workspace | None = None):
+        self.workspace = workspace
+        self.shape = xs[0].shape
+        self.device = xs[0].device
+        self.xs = [chunks.flat(x) for x in xs]
+        self.base = None if base is None else chunks.flat(base)
+        self.n = self.xs[0].numel()
+        self.size = chunks.chunk_size(self.device, self.n)
+        self._base_buf: Tensor | None = None
+        self._base_span: tuple[int, int] | None = None
+
+    def base_chunk(self, start: int, stop: int) -> Tensor:
+        """``base[start:stop]`` in float32 (converted once per slice)."""
+        b = self.base[start:stop]
+        if b.dtype == torch.float32:
+            return b
+        if self._base_span != (start, stop):
+            if self._base_buf is None:
+                self._base_buf = self.scratch("base", self.size)
+            self._base_buf[: stop - start].copy_(b)
+            self._base_span = (start, stop)
+        return self._base_buf[: stop - start]
+
+    def scratch(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A buffer on this tensor's device (reused across tensors when there is a workspace)."""
+        return chunks.scratch(self.workspace, name, numel, dtype, self.device)
+
+    def buffers(self, name: str, count: int) -> list[Tensor]:
+        """``count`` slice-sized float32 buffers."""
+        return chunks.buffers(count, self.size, self.device, self.workspace, name)
+
+    def read(self, j: int, start: int, stop: int, buf: Tensor) -> Tensor:
+        """Task vector ``j`` on ``[start, stop)`` in float32: a read-only view when one is
+        stored, else computed into ``buf``."""
+        x = self.xs[j][start:stop]
+        if self.base is None:
+            return x if x.dtype == torch.float32 else buf[: stop - start].copy_(x)
+        out = buf[: stop - start]
+        if x.dtype == torch.float32:
+            return torch.sub(x, self.base_chunk(start, stop), out=out)
+        return out.copy_(x).sub_(self.base_chunk(start, stop))
+
+    def sample(self, j: int, count: int) -> np.ndarray:
+        """``|task vector j|`` at about ``count`` evenly spaced positions (float32, owned)."""
+        step = max(1, self.n // count)
+        x = self.xs[j][::step].float()
+        d = x - self.base[::step].float() if self.base is not None else x.clone()
+        return d.abs_().cpu().numpy()
+
+    def whole(self, j: int) -> Tensor:
+        """Task vector ``j`` whole, shaped like the tensor (a new tensor unless stored float32)."""
+        if self.base is None:
+            return self.xs[j].float().view(self.shape)
+        out = torch.empty(self.n, dtype=torch.float32, device=self.device)
+        for start, stop in chunks.spans(self.n, self.size):
+            self.read(j, start, stop, out[start:stop])
+        return out.view(self.shape)
+
+
+class Plan:
+    """How one task vector is sparsified, decided over the whole tensor, applied per slice.
+
+    ``apply(delta, out, start, tmp)`` returns the sparsified and rescaled slice: ``delta`` itself
+    (read-only) when nothing changes, else ``out`` (``delta`` may alias ``out``).
+    """
+
+    def apply(self, delta: Tensor, out: Tensor, start: int, tmp: Tensor) -> Tensor:
+        return delta
+
+
+class _Scaled(Plan):
+    """Base of plans that rescale what they keep (``mul`` by an L1 ratio or ``div`` by density)."""
+
+    scale: tuple[str, float] | None = None
+
+    def _rescale(self, out: Tensor) -> Tensor:
+        if self.scale is None:
+            return out
+        op, value = self.scale
+        return out.mul_(value) if op == "mul" else out.div_(value)
+
+
+class WindowPlan(_Scaled):
+    """Magnitude ranks as thresholds (``selection.Window``): no mask is stored."""
+
+    def __init__(self, window: Window):
+        self.window = window
+
+    def apply(self, delta: Tensor, out: Tensor, start: int, tmp: Tensor) -> Tensor:
+        return self._rescale(self.window.apply(delta, out[: delta.numel()], start, tmp))
+
+
+class MaskPlan(_Scaled):
+    """A stored keep mask (bool, one byte per entry), e.g. DARE's random draw."""
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask  # (n,) bool
+
+    def apply(self, delta: Tensor, out: Tensor, start: int, tmp: Tensor) -> Tensor:
+        n = delta.numel()
+        mask = self.mask[start:start + n]
+        if mask.device.type == "cpu":  # bool -> float through numpy: several times faster
+            np.copyto(tmp[:n].numpy(), mask.numpy())
+            mask = tmp[:n]
+        return self._rescale(torch.mul(delta, mask, out=out[:n]))
+
+
+class StoredPlan(Plan):
+    """The sparsified task vector computed whole (DELLA: per-row ranks), sliced."""
+
+    def __init__(self, kept: Tensor):
+        self.kept = chunks.flat(kept)
+
+    def apply(self, delta: Tensor, out: Tensor, start: int, tmp: Tensor) -> Tensor:
+        return self.kept[start:start + delta.numel()]
+
+
+def plans(tv: TaskVectors, models: Sequence[Any], method: Sparsification | None, *,
+          rescale: RescaleMode | None, generator: torch.Generator | None) -> list[Plan]:
+    """One plan per task vector, in order (random masks are drawn model after model).
+
+    Gives the same kept entries and random draws as ``sparsify`` on each whole task vector;
+    rescale factors are the same ratios, with the L1 norms summed slice by slice.
+    """
+    scratch: list[Tensor] = []  # |delta| for magnitude ranks, allocated once, shared
+    out = []
+    for j, model in enumerate(models):
+        if method is None or model.density >= 1 or tv.n == 0:
+            out.append(Plan())
+        elif method in ("magnitude", "magnitude_outliers"):
+            out.append(_window_plan(tv, j, model, method, rescale, scratch))
+        elif method == "random":
+            out.append(_mask_plan(tv, j, model, rescale, generator))
+        else:  # della_magprune: ranks per row; computed whole, as sparsify does
+            out.append(StoredPlan(sparsify(tv.whole(j), model, method, rescale=rescale,
+                                           generator=generator)))
+    return out
+
+
+def _window_plan(tv: TaskVectors, j: int, model: Any, method: str, rescale: RescaleMode | None,
+                 scratch: list[Tensor]) -> Plan:
+    n = tv.n
+    if method == "magnitude":  # the same ranks as magnitude() / magnitude_outliers()
+        start, stop = n - max(1, int(model.density * n)), n
+    else:
+        target, n_top = int(model.density * n), int(model.gamma * n)
+        start = max(0, n - target - n_top)
+        stop = start + target
+    if stop <= start or start >= n:
+        window = Window(empty=True)
+    elif start <= 0 and stop >= n:  # e.g. one entry: kept, and still rescaled like sparsify
+        window = Window()
+    else:
+        window = _window(tv, j, start, stop, scratch)
+    plan = WindowPlan(window)
+    plan.scale = _l1_scale(tv, j, plan) if rescale == "l1" else (
+        ("div", model.density) if rescale == "density" else None)
+    return plan
+
+
+def _window(tv: TaskVectors, j: int, start: int, stop: int, scratch: list[Tensor]) -> Window:
+    (buf,) = tv.buffers("read", 1)
+
+    def abs_chunk(a: int, b: int) -> Tensor:
+        return torch.abs(tv.read(j, a, b, buf), out=buf[: b - a])
+
+    found = None
+    if tv.device.type == "cpu" and tv.n >= SAMPLED_SELECTION_MIN:  # one pass, no |delta| copy
+        found = sampled_window(tv.sample(j, SELECTION_SAMPLE), abs_chunk, tv.n, tv.size, start,
+                               stop)
+    if found is None:  # small tensors, accelerators, or the sample missed: select exactly
+        if not scratch:
+            scratch.append(tv.scratch("abs", tv.n))
+        values = scratch[0]
+        for a, b in chunks.spans(tv.n, tv.size):
+            torch.abs(tv.read(j, a, b, buf), out=values[a:b])
+        found = window_of(values, start, stop)  # reorders values
+    lo, hi, drop_lo, drop_hi = found
+    if hi == 0:  # only zeros are kept
+        return Window(empty=True)
+    lo_cut, hi_cut = -1, 1 << 62
+    if lo is not None and drop_lo > 0 and lo > 0:  # ties by position: first ones drop
+        lo_cut = nth_equal(abs_chunk, tv.n, tv.size, lo, drop_lo, from_end=False)
+    if hi is not None and drop_hi > 0:  # last ones drop
+        hi_cut = nth_equal(abs_chunk, tv.n, tv.size, hi, drop_hi, from_end=True)
+    return Window(lo=None if lo == 0 else lo, hi=hi, lo_cut=lo_cut, hi_cut=hi_cut)
+
+
+def _mask_plan(tv: TaskVectors, j: int, model: Any, rescale: RescaleMode | None,
+               generator: torch.Generator | None) -> Plan:
+    """DARE: keep each entry where ``uniform(0, 1) < density``, drawn slice by slice (the same
+    stream as one ``uniform_`` over the whole tensor); L1 norms in the same pass."""
+    gen = _required(generator)
+    mask = tv.scratch(f"mask{j}", tv.n, torch.bool)
+    u_buf, read_buf, abs_buf = tv.buffers("uniform", 3)
+    cpu = tv.device.type == "cpu"
+    density = np.float32(model.density)  # torch compares float32 with the density as float32
+    before = after = 0.0
+    for a, b in chunks.spans(tv.n, tv.size):
+        u = u_buf[: b - a].uniform_(generator=gen)
+        keep = mask[a:b]
+        if cpu:  # numpy's float32 comparison, several times faster than torch's bool output
+            np.less(u.numpy(), density, out=keep.numpy())
+        else:
+            torch.lt(u, model.density, out=keep)
+        if rescale == "l1":  # sum |delta| and sum |delta| over kept entries
+            magnitude = torch.abs(tv.read(j, a, b, read_buf), out=abs_buf[: b - a])
+            before += float(magnitude.sum())
+            if cpu:
+                np.copyto(u.numpy(), keep.numpy())  # u becomes the 0/1 mask
+            else:
+                u.copy_(keep)
+            after += float(torch.dot(magnitude, u))
+    plan = MaskPlan(mask)
+    if rescale == "l1":
+        plan.scale = ("mul", before / after) if before >= _L1_EPS and after >= _L1_EPS else None
+    elif rescale == "density":
+        plan.scale = ("div", model.density)
+    return plan
+
+
+def _l1_scale(tv: TaskVectors, j: int, plan: Plan) -> tuple[str, float] | None:
+    """mergekit's L1 rescale: ``sum |delta| / sum |kept|`` (none when either is tiny)."""
+    buf, kept, tmp = tv.buffers("l1_", 3)
+    before = after = 0.0
+    for a, b in chunks.spans(tv.n, tv.size):
+        d = tv.read(j, a, b, buf)
+        after += float(torch.abs(plan.apply(d, kept, a, tmp), out=kept[: b - a]).sum())
+        before += float(torch.abs(d, out=tmp[: b - a]).sum())
+    if before >= _L1_EPS and after >= _L1_EPS:
+        return ("mul", before / after)
+    return None

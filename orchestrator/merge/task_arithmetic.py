@@ -19,16 +19,19 @@ https://arxiv.org/abs/2406.11617 (DELLA).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, make_dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from orchestrator.merge import chunks
 from orchestrator.merge.base import check_bool, check_choice, check_range
 from orchestrator.merge.consensus import disjoint_merge
-from orchestrator.merge.sparsify import RescaleMode, Sparsification, sparsify
+from orchestrator.merge.sparsify import Sparsification, TaskVectors
+from orchestrator.merge.sparsify import plans as sparsify_plans
 
 RESCALE_MODES = ("l1", "density")
 SIGN_METHODS = ("weighted_sum", "sum")
@@ -152,50 +155,88 @@ def generalized_task_arithmetic(xs: Sequence[Tensor], base: Tensor | None,
                                 models: Sequence[DeltaParams], params: Any,
                                 generator: torch.Generator | None, *,
                                 sparsification: Sparsification | None = None,
-                                consensus: bool = False) -> Tensor:
+                                consensus: bool = False, out: Tensor | None = None,
+                                workspace: chunks.Workspace | None = None) -> Tensor:
     """Merge task vectors ``xs`` into one delta (see the module docstring for the steps).
 
     ``sparsification`` and ``consensus`` are fixed per method by the registry (``functools.partial``).
+    A caller merging many tensors may pass ``out`` (a float32 tensor of the inputs' shape, which
+    is then returned) and a ``workspace`` for scratch memory, both reused across calls.
+    """
+    return _merge(TaskVectors(xs, workspace=workspace), models, params, generator, sparsification,
+                  consensus, out=out)
+
+
+def merge_models(xs: Sequence[Tensor], base: Tensor, models: Sequence[DeltaParams], params: Any,
+                 generator: torch.Generator | None, *, sparsification: Sparsification | None = None,
+                 consensus: bool = False, out: Tensor | None = None,
+                 workspace: chunks.Workspace | None = None) -> Tensor:
+    """The same merge from the models' own tensors: returns ``base + merged delta``.
+
+    ``xs`` and ``base`` may be stored in any float dtype (each slice is converted to float32).
+    The task vectors ``x_i - base`` are computed a slice at a time and never held whole, so
+    the result equals ``generalized_task_arithmetic([x - base for x in xs], ...) + base`` bit
+    for bit, in a fraction of the memory and time. Neither input is modified. ``out`` and
+    ``workspace`` as for ``generalized_task_arithmetic``.
+    """
+    return _merge(TaskVectors(xs, base, workspace), models, params, generator, sparsification,
+                  consensus, out=out, add_base=True)
+
+
+def tensor_variant(fn: Callable) -> Callable | None:
+    """``merge_models`` configured like ``fn``, when ``fn`` is a registry entry of this family."""
+    if isinstance(fn, partial) and fn.func is generalized_task_arithmetic and not fn.args:
+        return partial(merge_models, **fn.keywords)
+    return None
+
+
+def _merge(tv: TaskVectors, models: Sequence[DeltaParams], params: Any,
+           generator: torch.Generator | None, sparsification: Sparsification | None,
+           consensus: bool, *, out: Tensor | None = None, add_base: bool = False) -> Tensor:
+    """Steps 1-4 (module docstring), then ``+ base`` when ``add_base``, a slice at a time.
+
+    Sparsification is decided per task vector over the whole tensor first (magnitude
+    thresholds, random masks, L1 norms); everything after is elementwise and runs per slice in
+    a few cache-sized buffers, so the only full-size allocations are the result, one byte per
+    entry per random mask, and (magnitude ranks of tensors under 2**20 entries, or off CPU)
+    one ``|delta|`` scratch.
     """
     rescale = getattr(params, "rescale_mode", "l1") if params.rescale else None  # task_arithmetic: none
     weights = [m.weight for m in models]
-    if consensus:
-        # 1. Sparsify each task vector; 2-3. elect signs, sum the agreeing weighted deltas.
-        trimmed = _trimmed_stack(xs, models, sparsification, rescale, generator)  # (n, *shape)
-        mixed, divisor = disjoint_merge(trimmed, weights, params.sign_method, divisor=params.normalize)
-    else:
-        # 1. Sparsify each task vector; 2-3. sum the weighted deltas.
-        mixed = _trimmed_sum(xs, models, sparsification, rescale, generator)  # (*shape)
-        divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0  # mergekit: ~0 -> 1
-    # 4. Normalize and scale.
-    if params.normalize:
-        mixed.div_(divisor)
-    if params.lambda_ != 1:
-        mixed.mul_(params.lambda_)
-    return mixed
-
-
-def _trimmed_sum(xs: Sequence[Tensor], models: Sequence[DeltaParams], method: Sparsification | None,
-                 rescale: RescaleMode | None, generator: torch.Generator | None) -> Tensor:
-    """``sum_i w_i sparsify(x_i)``, reusing one scratch buffer for the sparsified deltas."""
-    out, scratch = None, None
-    for x, m in zip(xs, models):
-        x = x.float()
-        kept = sparsify(x, m, method, rescale=rescale, generator=generator, out=scratch)
-        scratch = kept if kept is not x else scratch
-        if out is None:
-            out = torch.mul(kept, m.weight)  # (*shape)
+    # 1. Sparsify: decide what each task vector keeps (drawing random masks model by model).
+    plans = sparsify_plans(tv, models, sparsification, rescale=rescale, generator=generator)
+    result = torch.empty(tv.shape, dtype=torch.float32, device=tv.device) if out is None else out
+    flat_out = result.view(-1)  # (n,) the merged tensor
+    size = tv.size
+    bufs = tv.buffers("trim", len(models))  # one per task vector
+    tmp, elected, total = tv.buffers("merge", 3)
+    weight_sum = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0  # mergekit: ~0 -> 1
+    for start, stop in chunks.spans(tv.n, size):
+        o = flat_out[start:stop]
+        m = stop - start
+        trimmed = [plan.apply(tv.read(j, start, stop, buf), buf[:m], start, tmp)
+                   for j, (plan, buf) in enumerate(zip(plans, bufs))]
+        if consensus:
+            # 2-3. Elect signs, sum the agreeing weighted deltas.
+            mixed, divisor = disjoint_merge(trimmed, weights, params.sign_method,
+                                            divisor=params.normalize, work=[b[:m] for b in bufs],
+                                            out=o, elected=elected[:m], total=total[:m])
         else:
-            out.add_(kept, alpha=m.weight)
+            # 2-3. Sum the weighted deltas.
+            mixed, divisor = _weighted_into(trimmed, weights, o), weight_sum
+        # 4. Normalize and scale.
+        if params.normalize:
+            mixed.div_(divisor)
+        if params.lambda_ != 1:
+            mixed.mul_(params.lambda_)
+        if add_base:
+            mixed.add_(tv.base_chunk(start, stop))
+    return result
+
+
+def _weighted_into(xs: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> Tensor:
+    """``sum_i w_i x_i`` into ``out``."""
+    torch.mul(xs[0], weights[0], out=out)
+    for x, w in zip(xs[1:], weights[1:]):
+        out.add_(x, alpha=w)
     return out
-
-
-def _trimmed_stack(xs: Sequence[Tensor], models: Sequence[DeltaParams], method: Sparsification | None,
-                   rescale: RescaleMode | None, generator: torch.Generator | None) -> Tensor:
-    """The unweighted sparsified deltas, stacked: ``(n, *shape)``."""
-    stack = torch.empty((len(xs), *xs[0].shape), dtype=torch.float32, device=xs[0].device)
-    for x, m, row in zip(xs, models, stack):
-        x = x.float()
-        if sparsify(x, m, method, rescale=rescale, generator=generator, out=row) is x:
-            row.copy_(x)
-    return stack
