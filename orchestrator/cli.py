@@ -2,7 +2,8 @@
 
 Each command lives in ``orchestrator/commands/<name>.py`` and exposes ``configure(parser)`` and
 ``run(args) -> int``; it is imported only when chosen, so ``merge`` never pays for MLflow.
-A ``UserError`` becomes one line on stderr and exit code 2.
+A ``UserError`` (or an ``OSError``: a full disk, a missing file) becomes one line on stderr
+and exit code 2, with any URL password masked; SIGINT/SIGTERM exit 130.
 """
 
 from __future__ import annotations
@@ -50,8 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        return _fail(str(err))
+    except OSError as err:
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        return _fail(f"{err.strerror or err}{where}")
+    except KeyboardInterrupt as err:
+        print(f"interrupted{f' ({err.args[0]})' if err.args else ''}", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    from orchestrator.study import redact_text
+
+    print(f"error: {redact_text(' '.join(message.split()))}", file=sys.stderr)
+    return 2

@@ -20,13 +20,18 @@ SPACES_DIR = REPO_ROOT / "search_spaces"
 
 @dataclass
 class CandidatesConfig:
-    """The models to merge. ``zoo`` ('demo' or 'micro') builds the demo zoo first when missing."""
+    """The models to merge. ``zoo`` ('demo' or 'micro') builds the demo zoo first when missing.
+
+    ``allow_pickle``: also read ``pytorch_model.bin`` checkpoints (pickles can run code when
+    loaded; off by default, safetensors only).
+    """
 
     models: dict[str, str] = field(default_factory=dict)
     base: str | None = None
     zoo: str | None = None
     dtype: str = "float32"
     tokenizer_source: str | None = None
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -50,7 +55,12 @@ class TaskConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation: tasks, rung sizes (items per task), batch size, device."""
+    """Evaluation: tasks, rung sizes (items per task), batch size, device.
+
+    ``threads``: torch CPU threads of this worker (null: torch's default, one per core). Tiny
+    models on CPU run far faster with 1, above all on a busy machine; N workers on one machine
+    should share the cores (cores / N each).
+    """
 
     tasks: list[TaskConfig] = field(default_factory=list)
     rungs: list[int] = field(default_factory=lambda: [50, 150, 400])
@@ -59,6 +69,7 @@ class EvalConfig:
     include: list[str] = field(default_factory=list)
     device: str = "cpu"
     allow_search_on_confirm_split: bool = False
+    threads: int | None = None
 
 
 @dataclass
@@ -80,6 +91,13 @@ class PrunerConfig:
 
 @dataclass
 class StudyConfig:
+    """The Optuna study. Workers started with the same ``name`` and ``storage`` share it.
+
+    ``n_trials`` is the study's total over all workers. ``heartbeat_s``: how often a running
+    trial proves its worker alive; after ``grace_s`` (default 3 x heartbeat_s) of silence the
+    trial is failed and queued again, at most ``max_retry`` times.
+    """
+
     name: str = "demo"
     n_trials: int = 30
     timeout_s: float | None = None
@@ -90,6 +108,9 @@ class StudyConfig:
     multi_objective: bool = False
     baselines: bool = True
     save_best: bool = True
+    heartbeat_s: int = 30
+    grace_s: int | None = None
+    max_retry: int = 3
 
 
 @dataclass
@@ -122,9 +143,39 @@ def compose(overrides: list[str] | None = None, config_dir: Path | str | None = 
         raise UserError(f"config folder {config_dir} has no config.yaml")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            return hydra_compose("config", overrides=list(overrides or []))
+            return hydra_compose("config", overrides=[_schema_override(o) for o in overrides or []])
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(f"bad config override: {_first_line(err)}") from None
+    except ValueError as err:  # e.g. a malformed override that Hydra's parser rejects late
+        raise UserError(f"bad config override: {_first_line(err)}") from None
+
+
+def _schema_override(override: str) -> str:
+    """``key=value`` for a schema key the YAML files leave out becomes ``++key=value``.
+
+    Hydra can only override keys present in the composed YAML; the dataclass schema has
+    defaults for more (``study.heartbeat_s``, ``eval.device`` ...). Config-group choices
+    (``method=ties``), typos and Hydra's own prefixes are left alone.
+    """
+    key, sep, _ = override.partition("=")
+    if not sep or key[:1] in "+~" or "." not in key or not _in_schema(key.split(".")):
+        return override
+    return "++" + override
+
+
+def _in_schema(path: list[str]) -> bool:
+    import dataclasses
+    import typing
+
+    node: Any = SweepConfig
+    for part in path:
+        if not dataclasses.is_dataclass(node):
+            return typing.get_origin(node) is dict or node is dict
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+    return True
 
 
 def to_sweep_config(cfg: Any) -> SweepConfig:
@@ -134,11 +185,30 @@ def to_sweep_config(cfg: Any) -> SweepConfig:
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), cfg)
-        return OmegaConf.to_object(merged)
+        out = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f" at {key}" if key else ""
         raise UserError(f"invalid config{where}: {_first_line(err)}") from None
+    check_study(out.study)
+    if out.eval.threads is not None and out.eval.threads < 1:
+        raise UserError(f"eval.threads must be >= 1 or null, got {out.eval.threads}")
+    return out
+
+
+def check_study(study: StudyConfig) -> None:
+    """Range checks of the study settings (the rule, the value, the key)."""
+    rules = [(study.n_trials >= 0, "study.n_trials must be >= 0", study.n_trials),
+             (study.timeout_s is None or study.timeout_s > 0, "study.timeout_s must be > 0 or null", study.timeout_s),
+             (study.heartbeat_s >= 1, "study.heartbeat_s must be an integer >= 1", study.heartbeat_s),
+             (study.grace_s is None or study.grace_s > study.heartbeat_s,
+              f"study.grace_s must be > study.heartbeat_s ({study.heartbeat_s}) or null", study.grace_s),
+             (study.max_retry >= 0, "study.max_retry must be >= 0", study.max_retry),
+             (bool(study.name) and "/" not in study.name and study.name.strip() == study.name,
+              "study.name must be a non-empty name without '/' or surrounding spaces", study.name)]
+    for ok, rule, value in rules:
+        if not ok:
+            raise UserError(f"{rule}, got {value!r}")
 
 
 def load_config(overrides: list[str] | None = None, config_dir: Path | str | None = None) -> SweepConfig:
@@ -146,5 +216,10 @@ def load_config(overrides: list[str] | None = None, config_dir: Path | str | Non
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return " ".join(line.strip() for line in text[:3] if line.strip() and not line.startswith("    "))
+    """Hydra's message on one line; an indented list of options becomes ``a, b, c``."""
+    lines = [line for line in str(err).split("Config search path:")[0].strip().splitlines() if line.strip()]
+    head = " ".join(line.strip() for line in lines[:3] if not line.startswith((" ", "\t")))
+    options = [line.strip() for line in lines if line.startswith((" ", "\t"))]
+    if options and head.rstrip().endswith(":"):
+        head = f"{head} {', '.join(options[:20])}"
+    return head

@@ -59,7 +59,7 @@ class Objective:
 
     def __init__(self, spaces: Mapping[str, MethodSpace], resident: Any, tracker: Any,
                  candidates: Any, seed: int, multi_objective: bool, wilcoxon: bool,
-                 on_done: Any = None) -> None:
+                 on_done: Any = None, worker: str | None = None) -> None:
         self.spaces = dict(spaces)
         self.resident = resident
         self.tracker = tracker
@@ -68,6 +68,7 @@ class Objective:
         self.multi_objective = multi_objective
         self.wilcoxon = wilcoxon
         self.on_done = on_done or (lambda report: None)
+        self.worker = worker
 
     def suggest(self, trial: Any) -> tuple[str, dict[str, Any]]:
         """Pick a method (when comparing several) and its parameters; return (method, recipe)."""
@@ -79,39 +80,64 @@ class Objective:
         return method, recipe
 
     def __call__(self, trial: Any) -> float | tuple[float, ...]:
+        """One trial; every trial gets one MLflow child run, whatever its outcome."""
         import optuna
 
         method, recipe = self.suggest(trial)
         key = recipe_key(recipe, self.seed)
-        trial.set_user_attr("method", method)
-        trial.set_user_attr("recipe_key", key)
-        trial.set_user_attr("recipe", recipe)
-        done = _find_completed(trial.study, key)
-        if done is not None:  # the same recipe was evaluated already: reuse its value
-            trial.set_user_attr("duplicate_of", done.number)
-            self.on_done(TrialReport(trial.number, method, trial.params, [], COMPLETE, _first(done.values),
-                                     f"same recipe as trial {done.number}"))
-            return done.values[0] if len(done.values) == 1 else tuple(done.values)
-        run_id = None
+        for name, value in (("method", method), ("recipe_key", key), ("recipe", recipe), ("worker", self.worker)):
+            trial.set_user_attr(name, value)
+        run_id = self.tracker.start_trial(trial.number, {"method": method, **trial.params}, worker=self.worker)
         rungs: list[tuple[int, float]] = []
         try:
-            run_id = self.tracker.start_trial(trial.number, {"method": method, **trial.params})
             self.tracker.log_artifact_data(run_id, "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+            done = _find_completed(trial.study, key)
+            if done is not None:  # the same recipe was evaluated already: reuse its value
+                return self._duplicate(trial, method, done, run_id)
             value = self._run(trial, recipe, run_id, rungs)
         except optuna.TrialPruned:
             self.tracker.end_trial(run_id, "KILLED")
-            self.on_done(TrialReport(trial.number, method, trial.params, rungs, PRUNED))
+            self._notify(TrialReport(trial.number, method, trial.params, rungs, PRUNED))
             raise
         except BaseException as err:
-            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
-            trial.set_user_attr("fail_reason", reason)
-            self.tracker.set_tags(run_id, {"fail_reason": reason})
-            self.tracker.end_trial(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            self.on_done(TrialReport(trial.number, method, trial.params, rungs, FAILED, reason=reason))
+            self._failed(trial, method, run_id, rungs, err)
             raise
         self.tracker.end_trial(run_id, "FINISHED")
-        self.on_done(TrialReport(trial.number, method, trial.params, rungs, COMPLETE, _first(value)))
+        self._notify(TrialReport(trial.number, method, trial.params, rungs, COMPLETE, _first(value)))
         return value
+
+    def _duplicate(self, trial: Any, method: str, done: Any, run_id: str | None) -> float | tuple[float, ...]:
+        trial.set_user_attr("duplicate_of", done.number)
+        self.tracker.set_tags(run_id, {"duplicate_of": done.number})
+        self.tracker.log_metrics(run_id, {"score": _first(done.values) or float("nan")})
+        self.tracker.end_trial(run_id, "FINISHED")
+        self._notify(TrialReport(trial.number, method, trial.params, [], COMPLETE, _first(done.values),
+                                 f"same recipe as trial {done.number}"))
+        return done.values[0] if len(done.values) == 1 else tuple(done.values)
+
+    def _failed(self, trial: Any, method: str, run_id: str | None, rungs: list[tuple[int, float]],
+                err: BaseException) -> None:
+        """Record why a trial failed; an interrupt (SIGINT/SIGTERM) ends its run KILLED."""
+        from orchestrator.study import INTERRUPTED
+
+        if isinstance(err, KeyboardInterrupt):
+            reason = f"{INTERRUPTED} ({err.args[0] if err.args else 'SIGINT'})"
+        else:
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
+        trial.set_user_attr("fail_reason", reason)
+        self.tracker.set_tags(run_id, {"fail_reason": reason})
+        self.tracker.end_trial(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        self._notify(TrialReport(trial.number, method, trial.params, rungs, FAILED, reason=reason))
+
+    def _notify(self, report: TrialReport) -> None:
+        """The progress line; a failure to print never fails the trial."""
+        try:
+            self.on_done(report)
+        except Exception as err:  # noqa: BLE001
+            import sys
+
+            print(f"(progress line of trial {report.number} failed: {type(err).__name__}: {err})",
+                  file=sys.stderr)
 
     def _run(self, trial: Any, recipe: dict[str, Any], run_id: str | None,
              rungs: list[tuple[int, float]]) -> float | tuple[float, ...]:

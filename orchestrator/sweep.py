@@ -1,26 +1,34 @@
 """The main job: a study of merges over the candidates, searched with Optuna, tracked in MLflow.
 
-``run_sweep(cfg)`` checks everything it can before any long work (config, search spaces,
-sampler, pruner, storage, candidates, tasks), then loads one resident model, evaluates the
-baselines, runs the trials, confirms the best of each method on the confirm split and writes
-the best merge to ``runs/<study>/best/``.
+``run_sweep(cfg)`` is one worker. It checks everything it can before any long work and before
+writing anything (config, runs folder, search spaces, sampler, pruner, storage, tracking store,
+candidates, tokenizer, tasks), loads one resident model, then joins the study under the
+storage's lock (creating the study, the MLflow parent run and the baselines claim once, however
+many workers start together), runs trials until the study has ``n_trials`` and none is running
+anywhere, and, if it is the worker that ends the study, confirms the best of each method on the
+confirm split, writes the best merge to ``runs/<study>/best/`` (staged, then renamed into
+place) and logs the summary. Any number of workers may run this against one storage URL.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, redirect_stderr
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import SPACES_DIR, CandidatesConfig, EvalConfig, SweepConfig
 from orchestrator.errors import UserError
-from orchestrator.objective import COMPLETE, Objective, Rung, TrialReport
-from orchestrator.search import MethodSpace, build_recipe, check_model_count, load_space, space_as_dict
+
+if TYPE_CHECKING:  # torch comes with these: imported where used, after the cheap checks
+    from orchestrator.objective import Rung, TrialReport
+    from orchestrator.search import MethodSpace
 
 
 @dataclass
@@ -44,27 +52,67 @@ class Row:
 
 def load_spaces(cfg: SweepConfig) -> dict[str, MethodSpace]:
     """The search space of every method in the study, validated."""
+    from orchestrator.merge import get_method
+    from orchestrator.search import check_model_count, load_space
+
     if not cfg.method.methods:
         raise UserError("method.methods is empty: name at least one merge method")
     spaces = {}
     for name in cfg.method.methods:
+        get_method(name)  # an unknown method fails here, with the registry's suggestions
         space = load_space(Path(cfg.method.spaces_dir or SPACES_DIR) / f"{name}.yaml", name)
         check_model_count(space, len(cfg.candidates.models))
         spaces[name] = space
     if len(spaces) == 1 and next(iter(spaces.values())).is_empty():
         raise UserError(f"the search space of {cfg.method.methods[0]!r} is empty: nothing to search "
                         "(add distributions, or compare it with other methods)")
+    for space in spaces.values():
+        check_weights_can_normalize(space)
     return spaces
 
 
+def check_weights_can_normalize(space: MethodSpace) -> None:
+    """Weights that are always zero cannot be normalised: every trial would fail."""
+    import dataclasses
+
+    dist, fixed = space.per_model.get("weight"), space.fixed.get("weight")
+    corners = dist.corners() if dist is not None else [fixed] if fixed is not None else [1.0]
+    if any(not isinstance(v, (int, float)) or v != 0 for v in corners):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(space.spec.params)}
+    for key in ("normalize", "normalize_weights"):
+        if key in defaults and space.fixed.get(key, defaults[key]):
+            raise UserError(f"search space of {space.method!r}: the weights are always 0 but {key} is true, "
+                            "so they sum to zero and every trial would fail; widen the weight range "
+                            f"or set {key}: false")
+
+
 def check_runs_dir(runs_dir: Path) -> None:
-    """The output folder must be creatable and writable."""
+    """The output folder must be creatable and writable (probed without creating it)."""
+    existing = runs_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create runs folder {runs_dir}: {existing} is not a folder")
     try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as err:
-        raise UserError(f"cannot create runs folder {runs_dir}: {err.strerror}") from None
-    if not os.access(runs_dir, os.W_OK | os.X_OK):
-        raise UserError(f"runs folder {runs_dir} is not writable")
+        raise UserError(f"runs folder {runs_dir} is not writable ({err.strerror} in {existing})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer(cand: CandidatesConfig) -> None:
+    """The folder the evaluator takes the tokenizer from must have one."""
+    where, folder = next((w, f) for w, f in (("candidates.tokenizer_source", cand.tokenizer_source),
+                                               ("candidates.base", cand.base),
+                                               ("candidates.models", next(iter(cand.models.values()))))
+                         if f)
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{where}: {folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}); "
+                        "set candidates.tokenizer_source to a folder that has one")
 
 
 def resolve_candidates(cand: CandidatesConfig, runs_dir: Path) -> CandidatesConfig:
@@ -95,7 +143,8 @@ def resolve_candidates(cand: CandidatesConfig, runs_dir: Path) -> CandidatesConf
 
     return CandidatesConfig(models={k: resolve(v, f"candidates.models.{k}") for k, v in cand.models.items()},
                             base=resolve(cand.base, "candidates.base"), zoo=cand.zoo, dtype=cand.dtype,
-                            tokenizer_source=resolve(cand.tokenizer_source, "candidates.tokenizer_source"))
+                            tokenizer_source=resolve(cand.tokenizer_source, "candidates.tokenizer_source"),
+                            allow_pickle=cand.allow_pickle)
 
 
 def eval_spec(cfg: EvalConfig, seed: int) -> Any:
@@ -120,7 +169,11 @@ class Resident:
         from orchestrator.evaluate import ResidentEvaluator
 
         template = union_recipe(candidates)
-        self.merger = InMemoryMerger(template, device=spec.device, seed=seed)  # headers checked here
+        try:  # headers, architectures and vocabularies are checked here
+            self.merger = InMemoryMerger(template, device=spec.device, seed=seed,
+                                         allow_pickle=candidates.allow_pickle)
+        except UserError as err:
+            raise UserError(str(err).replace("pass --allow-pickle", "set candidates.allow_pickle=true")) from None
         folder = candidates.base or next(iter(candidates.models.values()))
         self.evaluator = ResidentEvaluator(folder, spec, tokenizer=candidates.tokenizer_source, suite=suite)
         self.merger.model = self.evaluator.model
@@ -147,7 +200,7 @@ class Resident:
                     if (leaf, doc) not in seen:
                         seen.add((leaf, doc))
                         new.append((_item_id(leaf, doc), weight * float(record[metric])))
-            yield Rung(result.n_items, result.score, result.stderr,
+            yield _rung(result.n_items, result.score, result.stderr,
                        {k: c.value for k, c in result.components.items()}, tuple(sorted(new)))
 
     def evaluate(self, split: str) -> Any:
@@ -183,6 +236,8 @@ def _item_id(leaf: str, doc: int) -> int:
 
 def union_recipe(candidates: CandidatesConfig) -> dict[str, Any]:
     """A recipe naming every candidate (and the base): fixes the merger's model set."""
+    from orchestrator.search import build_recipe
+
     models = {k: v for k, v in candidates.models.items()}
     recipe = build_recipe("task_arithmetic", {}, {k: {"weight": 1.0} for k in models}, models,
                           candidates.base, candidates.dtype, candidates.tokenizer_source)
@@ -194,6 +249,8 @@ def union_recipe(candidates: CandidatesConfig) -> dict[str, Any]:
 
 def baseline_recipes(candidates: CandidatesConfig) -> dict[str, dict[str, Any]]:
     """Each parent model alone, and their uniform average."""
+    from orchestrator.search import build_recipe
+
     models = candidates.models
     out = {}
     for name in models:
@@ -209,7 +266,7 @@ def baseline_recipes(candidates: CandidatesConfig) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class SweepOutcome:
-    """What a finished sweep returns (and prints)."""
+    """What a worker's sweep returns (and prints); ``final``: this worker ended the study."""
 
     study_name: str
     rows: list[Row]
@@ -217,19 +274,82 @@ class SweepOutcome:
     best_dir: Path | None
     n_trials: dict[str, int]
     parent_run_id: str | None
+    final: bool = True
+    ran: int = 0
+    worker: str = ""
+
+
+@dataclass
+class Setup:
+    """Everything checked before the model loads and before anything is written."""
+
+    runs_dir: Path
+    spaces: dict[str, MethodSpace]
+    sampler: Any
+    pruner: Any
+    spec: Any
+    suite: Any
+    url: str
+    candidates: CandidatesConfig
+    directions: list[str]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """A worker's place in a study: storage, study, tracker and its roles."""
+
+    storage: Any
+    study: Any
+    tracker: Any
+    lock: Any
+    stale: Any
+    worker: str
+    baselines_mine: bool
+
+
+def worker_name() -> str:
+    """``host:pid``: names a worker in trials (user attr) and MLflow runs (tag ``mo.worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, out=sys.stdout) -> SweepOutcome:
-    """Check everything, then run the study to its trial count and report."""
-    import optuna
-
-    from orchestrator.evaluate import check_tasks_available
-    from orchestrator.study import make_pruner, make_sampler, make_storage, open_study, storage_url
-    from orchestrator.tracking import Tracker
+    """One worker: check everything, load the model, join the study, run trials, maybe finalise."""
+    from orchestrator.study import Signals
 
     say = _printer(out)
+    setup = prepare(cfg, say)
+    if cfg.eval.threads:
+        import torch
+
+        torch.set_num_threads(cfg.eval.threads)
+    start = time.perf_counter()
+    resident = Resident(setup.candidates, setup.spec, setup.suite, cfg.study.seed)
+    say(f"resident model loaded in {time.perf_counter() - start:.1f}s")
+    signals = Signals()
+    signals.install()
+    try:
+        session = join(cfg, setup, overrides)
+        return work(cfg, setup, session, resident, signals, say)
+    finally:
+        signals.restore()
+
+
+def prepare(cfg: SweepConfig, say: Any) -> Setup:
+    """Every check that needs no model, in order of cost; writes nothing (the zoo aside)."""
+    from orchestrator.evaluate import check_tasks_available
+    from orchestrator.study import check_storage, make_pruner, make_sampler, storage_url
+    from orchestrator.tracking import check_tracking
+
     runs_dir = Path(cfg.runs_dir).resolve()
     check_runs_dir(runs_dir)
+    make_sampler(cfg.study.sampler, {})  # names first: no torch imported yet
+    pruner = make_pruner(cfg.study.pruner, _first_rung_items(cfg.eval), cfg.study.multi_objective)
+    url = storage_url(cfg.study.storage, runs_dir)
+    if cfg.study.storage:  # the default lives in runs_dir, checked above
+        check_storage(url)
+    if cfg.tracking.uri:
+        check_tracking(cfg.tracking, runs_dir)
     spaces = load_spaces(cfg)
     names = list(cfg.candidates.models)
     grid = {k: v for s in spaces.values() for k, v in s.param_grid(names, cfg.study.sampler.grid_points).items()}
@@ -237,60 +357,140 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, out=sys.stdo
         grid["method"] = list(spaces)
     sampler = make_sampler(cfg.study.sampler, grid)
     spec = eval_spec(cfg.eval, cfg.study.seed)
-    first_rung = _first_rung_items(cfg.eval)
-    pruner = make_pruner(cfg.study.pruner, first_rung, cfg.study.multi_objective)
-    url = storage_url(cfg.study.storage, runs_dir)
-    storage = make_storage(url)
     candidates = resolve_candidates(cfg.candidates, runs_dir)
+    check_tokenizer(candidates)
     say(f"study {cfg.study.name!r}: methods {', '.join(spaces)}; candidates {', '.join(names)}")
     suite = check_tasks_available(spec)  # datasets resolved before any model is loaded
     directions = ["maximize"] * (len(spec.tasks) if cfg.study.multi_objective else 1)
-    tracker = Tracker(cfg.tracking, runs_dir)
-    start = time.perf_counter()
-    resident = Resident(candidates, spec, suite, cfg.study.seed)
-    say(f"resident model loaded in {time.perf_counter() - start:.1f}s")
-    study = open_study(cfg.study.name, storage, sampler, pruner, directions)
-    parent = tracker.start_study(cfg.study.name, _study_params(cfg, overrides, url),
-                                 {"config.yaml": _config_yaml(cfg), "search_space.json":
-                                  {k: space_as_dict(v) for k, v in spaces.items()}})
+    return Setup(runs_dir, spaces, sampler, pruner, spec, suite, url, candidates, directions, grid)
+
+
+def join(cfg: SweepConfig, setup: Setup, overrides: list[str] | None) -> Session:
+    """Open (or create) storage, study and parent run under the storage's join lock."""
+    from orchestrator.search import space_as_dict
+    from orchestrator.study import JOIN, StaleTrials, StudyLock, make_storage, open_study, storage_kind
+    from orchestrator.tracking import Tracker
+
+    name = cfg.study.name
+    stale = StaleTrials(cfg.study.max_retry)
+    setup.runs_dir.mkdir(parents=True, exist_ok=True)  # the default sqlite stores and their lock live here
+    with StudyLock(setup.url, JOIN):
+        rdb = storage_kind(setup.url) != "journal"
+        storage = make_storage(setup.url, cfg.study.heartbeat_s, cfg.study.grace_s, stale if rdb else None)
+        study = open_study(name, storage, setup.sampler, setup.pruner, setup.directions)
+        _own_sampler_seed(study, cfg, setup)
+        _enqueue_uniform(study, setup.spaces, list(setup.candidates.models))
+        tracker = Tracker(cfg.tracking, setup.runs_dir)
+        tracker.start_study(name, _study_params(cfg, overrides, setup.url),
+                            {"config.yaml": _config_yaml(cfg),
+                             "search_space.json": {k: space_as_dict(v) for k, v in setup.spaces.items()}})
+        mine = cfg.study.baselines and _claim(study, "mo.baselines_by", worker_name())
+    stale.listeners.append(tracker.close_stale_trial)
+    return Session(storage, study, tracker, StudyLock(setup.url, f"merge-orchestrator/study/{name}"),
+                   stale, worker_name(), mine)
+
+
+def _own_sampler_seed(study: Any, cfg: SweepConfig, setup: Setup) -> None:
+    """The k-th worker to join a study samples with seed + k (call under the join lock).
+
+    Workers with one seed would propose the same random start-up points; a resumed study
+    would repeat its first ones. The first worker keeps the configured seed (reproducible).
+    """
+    import dataclasses
+
+    from orchestrator.study import make_sampler
+
+    joins = int(study.user_attrs.get("mo.joins", 0))
+    study.set_user_attr("mo.joins", joins + 1)
+    if joins:
+        seed = cfg.study.sampler.seed + joins
+        study.sampler = make_sampler(dataclasses.replace(cfg.study.sampler, seed=seed), setup.grid)
+
+
+def _claim(study: Any, key: str, who: str) -> bool:
+    """Take a one-time role (call under the lock): True for the first worker to ask."""
+    if study.user_attrs.get(key):
+        return False
+    study.set_user_attr(key, who)
+    return True
+
+
+def work(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, signals: Any,
+         say: Any) -> SweepOutcome:
+    """Baselines (if this worker claimed them), trials, then the final report if it is the last."""
+    from orchestrator.objective import Objective
+    from orchestrator.study import Liveness, Worker
+
     status = "FAILED"
     try:
-        baselines = run_baselines(study, resident, candidates, tracker, cfg, say)
-        objective = Objective(spaces, resident, tracker, candidates, cfg.study.seed,
+        if session.baselines_mine:
+            run_baselines(session.study, resident, setup.candidates, session.tracker, cfg, say)
+        objective = Objective(setup.spaces, resident, session.tracker, setup.candidates, cfg.study.seed,
                               cfg.study.multi_objective, cfg.study.pruner.name == "wilcoxon",
-                              on_done=_progress(study, say))
-        _enqueue_uniform(study, spaces, names)
-        remaining = _remaining(study, cfg.study.n_trials)
-        if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=cfg.study.timeout_s, catch=(Exception,),
-                           callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=None)])
-        rows = baselines + best_rows(study, spaces)
-        confirm_rows(rows, resident, cfg.study.seed, study, say)
-        best = _best(rows, baselines)
-        best_dir = save_best(best, runs_dir / cfg.study.name / "best", cfg, rows) if best and cfg.study.save_best else None
-        report = format_table(rows, spec)
-        say(report)
-        log_summary(tracker, study, rows, best, best_dir, report)
-        status = "FINISHED"
-        return SweepOutcome(cfg.study.name, rows, best, best_dir, _counts(study), parent)
+                              on_done=_progress(session.study, say), worker=session.worker)
+        liveness = Liveness(session.storage, cfg.study.heartbeat_s, cfg.study.grace_s, session.stale,
+                            session.worker)
+        worker = Worker(session.study, session.lock, liveness, signals, cfg.study.n_trials, cfg.study.timeout_s,
+                        on_abandoned=session.tracker.sync_trial)
+        worker.run(objective)
+        outcome = finish(cfg, setup, session, resident, worker.ran, say)
+        status = "FINISHED" if outcome.final else ""
+        return outcome
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracker.end_study(status)
+        _close_parent(session, status)
+
+
+def _close_parent(session: Session, status: str) -> None:
+    """End the parent run: FINISHED by the finaliser; KILLED/FAILED only if no other worker is busy."""
+    from orchestrator.study import running
+
+    if not status:
+        return
+    if status != "FINISHED" and running(session.study.get_trials(deepcopy=False)):
+        return  # other workers carry on under the same parent
+    session.tracker.end_study(status)
+
+
+def finish(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, ran: int,
+           say: Any) -> SweepOutcome:
+    """Confirm, save the best and report, if this worker ends the study (once per state of it)."""
+    from orchestrator.study import running
+
+    study, tracker = session.study, session.tracker
+    with session.lock:
+        trials = study.get_trials(deepcopy=False)
+        busy = running(trials)
+        state = f"{sum(t.state.is_finished() for t in trials)}/{len(trials)}"
+        mine = not busy and (ran == 0 or study.user_attrs.get("mo.final") != state)
+        if mine:
+            study.set_user_attr("mo.final", state)
+    if not mine:
+        say(f"worker {session.worker} done ({ran} trials); "
+            + ("other workers are still running trials: " if busy else "another worker ")
+            + "the last one writes the report")
+        return SweepOutcome(cfg.study.name, [], None, None, _counts(study), tracker.parent_id, False, ran,
+                            session.worker)
+    tracker.reconcile(study.get_trials(deepcopy=False))
+    baselines = run_baselines(study, resident, setup.candidates, tracker, cfg, say, quiet=True)
+    rows = baselines + best_rows(study, setup.spaces)
+    confirm_rows(rows, resident, cfg.study.seed, study, say)
+    best = _best(rows, baselines)
+    best_dir = None
+    if best and cfg.study.save_best:
+        best_dir = save_best(best, setup.runs_dir / cfg.study.name / "best", cfg, rows)
+    report = format_table(rows, setup.spec)
+    say(report)
+    log_summary(tracker, study, rows, best, best_dir, report)
+    return SweepOutcome(cfg.study.name, rows, best, best_dir, _counts(study), tracker.parent_id, True, ran,
+                        session.worker)
 
 
 def _first_rung_items(cfg: EvalConfig) -> int:
     first = cfg.rungs[0] if cfg.rungs else 1
     return int(first) * max(1, len(cfg.tasks)) if isinstance(first, int) else 1
-
-
-def _remaining(study: Any, n_trials: int) -> int:
-    import optuna
-
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    done = len(study.get_trials(deepcopy=False, states=finished))
-    return max(0, n_trials - done)
 
 
 def _counts(study: Any) -> dict[str, int]:
@@ -317,11 +517,12 @@ def _enqueue_uniform(study: Any, spaces: Mapping[str, MethodSpace], names: list[
 
 
 def run_baselines(study: Any, resident: Resident, candidates: CandidatesConfig, tracker: Any,
-                  cfg: SweepConfig, say: Any) -> list[Row]:
+                  cfg: SweepConfig, say: Any, quiet: bool = False) -> list[Row]:
     """Each parent and the uniform average on the search split (stored in the study, once)."""
     if not cfg.study.baselines:
         return []
     stored = dict(study.user_attrs.get("baselines", {}))
+    logged = {r.info.run_name for r in tracker.children("baseline")} if tracker.enabled else set()
     rows = []
     for name, recipe in baseline_recipes(candidates).items():
         if name not in stored:
@@ -329,16 +530,17 @@ def run_baselines(study: Any, resident: Resident, candidates: CandidatesConfig, 
             result = _last(resident.rungs("search"))
             stored[name] = {"search": result.score, "search_se": result.stderr,
                             "components": dict(result.components), "recipe": recipe}
+            study.set_user_attr("baselines", stored)
+        if f"baseline:{name}" not in logged:
             run_id = tracker.start_trial(-1, {"method": "linear", "baseline": name}, kind="baseline",
                                          name=f"baseline:{name}")
-            tracker.log_metrics(run_id, {"score": result.score, **stored[name]["components"]},
-                                step=result.n_items)
+            tracker.log_metrics(run_id, {"score": stored[name]["search"], **stored[name]["components"]})
             tracker.end_trial(run_id, "FINISHED")
-            study.set_user_attr("baselines", stored)
         b = stored[name]
         rows.append(Row(name, "baseline", b["search"], b["search_se"], components=dict(b["components"]),
                         recipe=b["recipe"]))
-        say(f"baseline {name:<22} search {b['search']:.4f} ± {b['search_se']:.4f}")
+        if not quiet:
+            say(f"baseline {name:<22} search {b['search']:.4f} ± {b['search_se']:.4f}")
     return rows
 
 
@@ -400,21 +602,39 @@ def _best(rows: list[Row], baselines: list[Row]) -> Row | None:
 
 
 def save_best(best: Row, out_dir: Path, cfg: SweepConfig, rows: list[Row]) -> Path:
-    """Write the best merge as a Hugging Face model folder (atomically replaced)."""
+    """Write the best merge as a Hugging Face model folder: staged whole, then swapped into place."""
     import json
+    import shutil
 
     from orchestrator.engine import merge_to_disk
 
-    merge_to_disk(best.recipe, out_dir, seed=cfg.study.seed, overwrite=True)
-    scores = {"study": cfg.study.name, "trial": best.trial, "method": best.method,
-              "search": {"score": best.search, "stderr": best.search_se},
-              "confirm": {"score": best.confirm, "stderr": best.confirm_se},
-              "components": {"search": best.components, "confirm": best.confirm_components},
-              "recipe": best.recipe, "seed": cfg.study.seed}
-    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2))
-    with open(out_dir / "README.md", "a") as card:
-        card.write("\n## Scores (merge-orchestrator)\n\n" + format_table(rows, None) + "\n")
+    stage = out_dir.with_name(f".{out_dir.name}.stage-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        merge_to_disk(best.recipe, stage, seed=cfg.study.seed, allow_pickle=cfg.candidates.allow_pickle)
+        scores = {"study": cfg.study.name, "trial": best.trial, "method": best.method,
+                  "search": {"score": best.search, "stderr": best.search_se},
+                  "confirm": {"score": best.confirm, "stderr": best.confirm_se},
+                  "components": {"search": best.components, "confirm": best.confirm_components},
+                  "recipe": best.recipe, "seed": cfg.study.seed}
+        (stage / "scores.json").write_text(json.dumps(scores, indent=2))
+        with open(stage / "README.md", "a") as card:
+            card.write("\n## Scores (merge-orchestrator)\n\n" + format_table(rows, None) + "\n")
+        _swap_in(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out_dir
+
+
+def _swap_in(stage: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the complete ``stage`` folder (two renames; never a partial folder)."""
+    import shutil
+
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(stage, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -494,8 +714,16 @@ def _printer(out: Any):
     return say
 
 
+def _rung(*args: Any) -> Rung:
+    from orchestrator.objective import Rung
+
+    return Rung(*args)
+
+
 def _progress(study: Any, say: Any):
     """Prints one line per finished trial: method, parameters, rungs, state, best so far."""
+    from orchestrator.objective import COMPLETE
+
     def on_done(r: TrialReport) -> None:
         params = " ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in r.params.items() if k != "method")
         rungs = " ".join(f"{s:.3f}@{n}" for n, s in r.rungs)
@@ -507,6 +735,8 @@ def _progress(study: Any, say: Any):
 
 
 def _best_so_far(study: Any, r: TrialReport) -> str:
+    from orchestrator.objective import COMPLETE
+
     if len(study.directions) > 1:
         return ""
     try:

@@ -3,9 +3,15 @@
 Our own logging (optuna-integration's MLflow callback is deprecated and logs no rungs): the
 parent run holds the resolved config, overrides, search spaces, seeds, package versions and
 the git commit; each child run holds the trial's parameters, per-rung metrics (step = items
-evaluated), final state, merge and eval seconds and the recipe YAML. Workers of one study find
-the parent run by its ``mo.study`` tag, so they all log under one parent. Passwords in URLs are
-never logged.
+evaluated), final state, merge and eval seconds and the recipe YAML.
+
+Several workers: the parent is found by its ``mo.study`` tag or created, under the study's
+join lock (``orchestrator.study.StudyLock``), so workers starting together make one parent.
+Child runs match Optuna trials one to one (tag ``mo.trial``): a trial re-queued after its
+worker died is a new trial with its own run, and the dead trial's run, left RUNNING by the
+killed process, is closed FAILED (tag ``mo.stale``) by the worker that fails the trial, or by
+``reconcile`` when the study is finalised. Passwords in URLs are never logged: every param,
+tag and text artifact goes through ``redact_text``.
 """
 
 from __future__ import annotations
@@ -19,12 +25,48 @@ from typing import Any
 
 from orchestrator.config import TrackingConfig
 from orchestrator.errors import UserError
-from orchestrator.study import redact
+from orchestrator.study import INTERRUPTED, redact, redact_text
 
 STUDY_TAG = "mo.study"
 KIND_TAG = "mo.kind"
 TRIAL_TAG = "mo.trial"
+WORKER_TAG = "mo.worker"
 MAX_PARAM_LEN = 6000
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def run_status(trial: Any) -> str:
+    """The MLflow status of a finished Optuna trial (an interrupted one is KILLED)."""
+    if trial.state.name == "FAIL" and str(trial.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED):
+        return "KILLED"
+    return RUN_STATUS.get(trial.state.name, "FAILED")
+
+
+def check_tracking(cfg: TrackingConfig, runs_dir: Path) -> None:
+    """Fail in one line if the tracking store cannot be reached; creates nothing."""
+    if not cfg.enabled:
+        return
+    uri = cfg.uri or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+    try:
+        if uri.startswith(("http://", "https://")):
+            import urllib.request
+
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:  # noqa: S310
+                reply.read()
+        elif uri.startswith("sqlite:///"):
+            folder = Path(uri.removeprefix("sqlite:///")).parent
+            if not folder.is_dir():
+                raise OSError(f"folder {folder} does not exist")
+        elif "://" in uri and not uri.startswith(("file:", "databricks")):
+            from orchestrator.study import check_storage
+
+            check_storage(uri)
+    except UserError as err:
+        raise UserError(f"cannot reach MLflow tracking store {redact(uri)}: "
+                        f"{str(err).split(': ', 1)[-1]}") from None
+    except Exception as err:  # noqa: BLE001 - unreachable server, refused connection, ...
+        raise UserError(f"cannot reach MLflow tracking store {redact(uri)}: "
+                        f"{redact_text(' '.join(str(err).split()))[:200]}") from None
 
 
 class Tracker:
@@ -65,7 +107,7 @@ class Tracker:
 
     # --- study (parent) -------------------------------------------------------------------
     def start_study(self, study_name: str, params: Mapping[str, Any], artifacts: Mapping[str, Any]) -> str | None:
-        """Find or create the study's parent run; log params and dict artifacts once."""
+        """Find or create the study's parent run (call under the join lock); log params once."""
         if not self.enabled:
             return None
         existing = self._find_parent(study_name)
@@ -76,7 +118,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=f"study:{study_name}",
                                      tags={STUDY_TAG: study_name, KIND_TAG: "study"})
         self.parent_id = self._find_parent(study_name) or run.info.run_id
-        if self.parent_id != run.info.run_id:  # lost a start race: keep the oldest parent
+        if self.parent_id != run.info.run_id:  # no lock (another database kind) and lost a race
             self.client.delete_run(run.info.run_id)
             return self.parent_id
         self.log_params(self.parent_id, params)
@@ -88,19 +130,74 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and "
                                                      f"tags.`{KIND_TAG}` = 'study'",
-                                       order_by=["attributes.start_time ASC"], max_results=5)
-        return runs[0].info.run_id if runs else None
+                                       order_by=["attributes.start_time ASC"], max_results=20)
+        oldest = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+        return oldest.info.run_id if oldest else None
 
     def end_study(self, status: str = "FINISHED") -> None:
         if self.enabled and self.parent_id:
             self.client.set_terminated(self.parent_id, status=status)
 
+    def children(self, kind: str = "trial") -> list[Any]:
+        """All child runs of the parent of one kind (``trial`` or ``baseline``)."""
+        if not (self.enabled and self.parent_id):
+            return []
+        query = f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{KIND_TAG}` = '{kind}'"
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000,
+                                           page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def close_stale_trial(self, trial: Any) -> None:
+        """Close the run a killed worker left RUNNING for ``trial`` (now FAIL in Optuna)."""
+        for run in self.children():
+            if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status == "RUNNING":
+                self.set_tags(run.info.run_id, {"mo.stale": "true",
+                                                "fail_reason": "worker lost (no heartbeat); trial queued again"})
+                self.end_trial(run.info.run_id, "FAILED")
+
+    def sync_trial(self, trial: Any) -> None:
+        """Give the runs of a finished trial its status (e.g. KILLED after an interrupt)."""
+        want = run_status(trial)
+        for run in self.children():
+            if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status != want:
+                self.end_trial(run.info.run_id, want)
+
+    def reconcile(self, trials: list[Any]) -> int:
+        """Make child runs match finished trials one to one; returns how many runs it fixed."""
+        if not (self.enabled and self.parent_id):
+            return 0
+        by_trial: dict[str, list[Any]] = {}
+        for run in self.children():
+            by_trial.setdefault(run.data.tags.get(TRIAL_TAG, ""), []).append(run)
+        fixed = 0
+        for t in trials:
+            if not t.state.is_finished():
+                continue
+            runs = by_trial.get(str(t.number), [])
+            if not runs:  # the worker died between asking for the trial and opening its run
+                run_id = self.start_trial(t.number, {"method": t.user_attrs.get("method", ""), **t.params},
+                                          worker=t.user_attrs.get("worker"))
+                self.set_tags(run_id, {"mo.reconstructed": "true"})
+                runs = [self.client.get_run(run_id)]
+            for run in runs:
+                if run.info.status == "RUNNING":
+                    self.end_trial(run.info.run_id, run_status(t))
+                    fixed += 1
+        return fixed
+
     # --- trials (children) ----------------------------------------------------------------
     def start_trial(self, number: int, params: Mapping[str, Any], kind: str = "trial",
-                    name: str | None = None) -> str | None:
+                    name: str | None = None, worker: str | None = None) -> str | None:
         if not self.enabled:
             return None
         tags = {"mlflow.parentRunId": self.parent_id, KIND_TAG: kind, TRIAL_TAG: str(number)}
+        if worker:
+            tags[WORKER_TAG] = worker
         run = self.client.create_run(self.experiment_id, run_name=name or f"trial-{number}", tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -126,7 +223,7 @@ class Tracker:
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         if self.enabled and run_id:
             for k, v in tags.items():
-                self.client.set_tag(run_id, k, str(v)[:5000])
+                self.client.set_tag(run_id, k, redact_text(str(v))[:5000])
 
     def log_artifact_data(self, run_id: str | None, name: str, value: Any) -> None:
         """Log text (``.yaml``/``.md``/``.txt``), a dict (``.json``) or a file path."""
@@ -135,9 +232,9 @@ class Tracker:
         if isinstance(value, Path):
             self.client.log_artifact(run_id, str(value))
         elif isinstance(value, str):
-            self.client.log_text(run_id, value, name)
+            self.client.log_text(run_id, redact_text(value), name)
         else:
-            self.client.log_dict(run_id, value, name)
+            self.client.log_dict(run_id, json.loads(redact_text(json.dumps(value, default=str))), name)
 
     def log_figure(self, run_id: str | None, figure: Any, name: str) -> None:
         if self.enabled and run_id:
@@ -163,9 +260,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _param_text(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if "://" in text:
-        text = redact(text)
-    return text[:MAX_PARAM_LEN]
+    return redact_text(text)[:MAX_PARAM_LEN]
 
 
 def git_commit(repo: Path) -> str:

@@ -98,22 +98,29 @@ def test_same_study_name_resumes_and_pruning_happens(first_sweep, micro_zoo):
     assert len(parents) == 1
 
 
-def test_failing_trials_do_not_stop_the_study(micro_zoo, tmp_path):
-    spaces = tmp_path / "spaces"
-    spaces.mkdir()
-    # All-zero linear weights cannot be normalised: every linear trial fails.
-    (spaces / "linear.yaml").write_text("method: linear\nper_model:\n  weight: {low: 0.0, high: 0.0}\n")
-    (spaces / "task_arithmetic.yaml").write_text(
-        "method: task_arithmetic\nper_model:\n  weight: {low: 0.2, high: 1.0}\n")
+def test_failing_trials_do_not_stop_the_study(micro_zoo, tmp_path, monkeypatch):
+    from orchestrator.sweep import Resident
+
+    merge = Resident.merge
+
+    def flaky(self, recipe, seed):  # every linear trial fails at merge time
+        if recipe["merge_method"] == "linear":
+            raise FloatingPointError("the merge produced NaN or inf weights")
+        return merge(self, recipe, seed)
+    monkeypatch.setattr(Resident, "merge", flaky)
     cfg, overrides = sweep_config(micro_zoo, tmp_path / "runs", "study.n_trials=6",
-                                  "method.methods=[linear,task_arithmetic]", f"method.spaces_dir={spaces}",
-                                  "study.pruner.name=none", "study.baselines=false", "study.name=failing")
+                                  "method.methods=[linear,task_arithmetic]", "study.pruner.name=none",
+                                  "study.baselines=false", "study.name=failing")
     outcome = run_sweep(cfg, overrides)
     study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed and all("fail_reason" in t.user_attrs for t in failed)
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len(study.trials) == 6  # failed trials count toward n_trials (they are not retried)
     assert outcome.best is not None and outcome.best.method == "task_arithmetic"
+    runs = {int(r.data.tags["mo.trial"]): r.info.status for r in mlflow_runs(tmp_path / "runs")
+            if r.data.tags.get("mo.kind") == "trial"}
+    assert all(runs[t.number] == "FAILED" for t in failed)
 
 
 def test_cli_bad_override_is_one_line_exit_2(tmp_path):

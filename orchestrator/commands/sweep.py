@@ -1,4 +1,9 @@
-"""``python -m orchestrator sweep [hydra overrides...]``: run a merge search study."""
+"""``python -m orchestrator sweep [hydra overrides...]``: run a merge search study.
+
+Run the same command on N processes or machines with a shared ``study.storage`` URL
+(``postgresql+psycopg2://...`` or ``journal:///shared/fs/study.log``) and they work on one
+study. SIGINT/SIGTERM abandon the running trial (it is queued again for a restart) and exit 130.
+"""
 
 from __future__ import annotations
 
@@ -20,38 +25,52 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.sweep import run_sweep
 
+    from orchestrator.study import redact_text
+
     cfg = load_config(args.overrides, args.config_dir)
     if args.cfg:
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        print(redact_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)))
         return 0
     quiet_libraries()
     outcome = run_sweep(cfg, args.overrides)
     if outcome.best_dir is not None:
         print(f"best merge: {outcome.best_dir}")
+    if outcome.final and cfg.tracking.enabled:
+        print(f"MLflow UI: {ui_command(cfg)}")
     return 0
 
 
+def ui_command(cfg) -> str:
+    """The command that shows this study's runs, bound to the loopback interface only."""
+    from pathlib import Path
+
+    from orchestrator.study import redact_text
+
+    uri = cfg.tracking.uri
+    if uri and uri.startswith(("http://", "https://")):
+        return f"open {uri} (the tracking server's UI)"
+    uri = uri or f"sqlite:///{(Path(cfg.runs_dir) / 'mlflow.db').resolve()}"
+    return f"mlflow ui --backend-store-uri {redact_text(uri)} --host 127.0.0.1 --port 5000"
+
+
 def quiet_libraries() -> None:
-    """Keep the progress lines readable: lm-eval, Optuna and datasets log at WARNING."""
+    """Keep the progress lines readable: libraries log at WARNING/ERROR, no progress bars.
+
+    Set through the environment and logger names, so nothing heavy is imported before the
+    cheap checks have run (a typo fails in about two seconds).
+    """
     import logging
     import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import optuna
-
     import warnings
+
+    for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("MLFLOW_LOGGING_LEVEL", "WARNING"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(key, value)
+    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    for name in ("lm-eval", "lm_eval", "datasets", "transformers", "mlflow", "alembic"):
+    for name in ("lm-eval", "lm_eval", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
