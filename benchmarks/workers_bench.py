@@ -56,8 +56,9 @@ def sweep_rate(workers: int, trials: int, storage: str, base: list[str], runs: P
     args = [*base, f"runs_dir={runs}", f"study.storage={storage}", f"study.n_trials={trials}",
             "study.baselines=false", "study.save_best=false", f"eval.threads={threads}", "study.name=bench"]
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", *args], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(workers)]
+    command = [sys.executable, "-m", "orchestrator", "sweep", *args]
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(workers)]
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode:

@@ -199,7 +199,8 @@ def to_sweep_config(cfg: Any) -> SweepConfig:
 def check_study(study: StudyConfig) -> None:
     """Range checks of the study settings (the rule, the value, the key)."""
     rules = [(study.n_trials >= 0, "study.n_trials must be >= 0", study.n_trials),
-             (study.timeout_s is None or study.timeout_s > 0, "study.timeout_s must be > 0 or null", study.timeout_s),
+             (study.timeout_s is None or study.timeout_s > 0, "study.timeout_s must be > 0 or null",
+              study.timeout_s),
              (study.heartbeat_s >= 1, "study.heartbeat_s must be an integer >= 1", study.heartbeat_s),
              (study.grace_s is None or study.grace_s > study.heartbeat_s,
               f"study.grace_s must be > study.heartbeat_s ({study.heartbeat_s}) or null", study.grace_s),

@@ -6,6 +6,7 @@ Kept short on purpose; the resident model, its merger and evaluator live in ``Re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -59,7 +60,7 @@ class Objective:
 
     def __init__(self, spaces: Mapping[str, MethodSpace], resident: Any, tracker: Any,
                  candidates: Any, seed: int, multi_objective: bool, wilcoxon: bool,
-                 on_done: Any = None, worker: str | None = None) -> None:
+                 on_done: Any = None, worker: str | None = None, interruptible: Any = None) -> None:
         self.spaces = dict(spaces)
         self.resident = resident
         self.tracker = tracker
@@ -69,6 +70,7 @@ class Objective:
         self.wilcoxon = wilcoxon
         self.on_done = on_done or (lambda report: None)
         self.worker = worker
+        self.interruptible = interruptible or contextlib.nullcontext  # where SIGINT/SIGTERM may cut in
 
     def suggest(self, trial: Any) -> tuple[str, dict[str, Any]]:
         """Pick a method (when comparing several) and its parameters; return (method, recipe)."""
@@ -144,12 +146,13 @@ class Objective:
         import optuna
 
         start = time.perf_counter()
-        self.resident.merge(recipe, seed=self.seed)
+        with self.interruptible():
+            self.resident.merge(recipe, seed=self.seed)
         merge_s = time.perf_counter() - start
         trial.set_user_attr("merge_s", merge_s)
         eval_start = time.perf_counter()
         result = None
-        for result in self.resident.rungs("search"):
+        for result in self._rungs():
             rungs.append((result.n_items, result.score))
             metrics = {"score": result.score, **result.components}
             self.tracker.log_metrics(run_id, metrics, step=result.n_items)
@@ -169,6 +172,16 @@ class Objective:
         if self.multi_objective:
             return tuple(result.components.values())
         return result.score
+
+    def _rungs(self) -> Any:
+        """The search split's rungs, each computed inside an interruptible window."""
+        rungs = self.resident.rungs("search")
+        while True:
+            with self.interruptible():
+                result = next(rungs, None)
+            if result is None:
+                return
+            yield result
 
     def _report(self, trial: Any, result: Any) -> None:
         """Successive halving/median prune on the running score; Wilcoxon on per-item values."""

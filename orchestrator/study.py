@@ -226,7 +226,11 @@ class StudyLock:
             import fcntl
 
             self._file = open(f"{_file_path(self.url)}.mo-lock", "a")  # noqa: SIM115 - held until release
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            except OSError as err:  # a filesystem without locks: Optuna's own guards remain
+                _log(f"warning: cannot lock {self._file.name} ({err.strerror}); workers that start at "
+                     "the same moment may race")
 
     def _release(self) -> None:
         import sqlalchemy
@@ -472,8 +476,11 @@ class Beat:
 class Signals:
     """SIGINT and SIGTERM raise ``KeyboardInterrupt``, except inside ``critical()`` blocks.
 
-    A signal that arrives while the worker talks to the storage (ask, tell, re-queue) is held
-    and raised when the block ends, so a trial is never left half-created or half-told.
+    A whole trial runs as a critical block with ``interruptible()`` windows around its compute
+    (merging, evaluating a rung): a signal that arrives while the worker talks to the storage
+    or to MLflow is held and raised when that talk is over, so no transaction is cut in half
+    and no trial is left half-created or half-told; one that arrives during compute stops it
+    at once. A second signal while one is held is raised at once.
     """
 
     def __init__(self) -> None:
@@ -495,9 +502,10 @@ class Signals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
-        if self.depth:
+        if self.depth and self.pending is None:  # a second signal does not wait
             self.pending = signum
             return
+        self.pending = None
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     @contextlib.contextmanager
@@ -510,6 +518,18 @@ class Signals:
         if not self.depth and self.pending is not None:
             signum, self.pending = self.pending, None
             raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside a critical block: let signals through here (compute only, no I/O)."""
+        saved, self.depth = self.depth, 0
+        try:
+            if self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+            yield
+        finally:
+            self.depth = saved
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "SIGINT"
@@ -564,7 +584,8 @@ class Worker:
                 if trial is None:
                     return False
                 beat = self.liveness.start(self.study, trial)
-            value, state = self._evaluate(trial, objective)
+            with self.signals.critical():  # the objective opens interruptible() windows itself
+                value, state = self._evaluate(trial, objective)
             with self.signals.critical():
                 beat.stop()
                 self._tell(trial, value, state)

@@ -306,6 +306,7 @@ class Session:
     stale: Any
     worker: str
     baselines_mine: bool
+    done_at_join: bool = False  # the study had all its trials when this worker joined
 
 
 def worker_name() -> str:
@@ -368,7 +369,8 @@ def prepare(cfg: SweepConfig, say: Any) -> Setup:
 def join(cfg: SweepConfig, setup: Setup, overrides: list[str] | None) -> Session:
     """Open (or create) storage, study and parent run under the storage's join lock."""
     from orchestrator.search import space_as_dict
-    from orchestrator.study import JOIN, StaleTrials, StudyLock, make_storage, open_study, storage_kind
+    from orchestrator.study import (JOIN, StaleTrials, StudyLock, counted, make_storage, open_study, running,
+                                    storage_kind)
     from orchestrator.tracking import Tracker
 
     name = cfg.study.name
@@ -385,9 +387,11 @@ def join(cfg: SweepConfig, setup: Setup, overrides: list[str] | None) -> Session
                             {"config.yaml": _config_yaml(cfg),
                              "search_space.json": {k: space_as_dict(v) for k, v in setup.spaces.items()}})
         mine = cfg.study.baselines and _claim(study, "mo.baselines_by", worker_name())
+        trials = study.get_trials(deepcopy=False)
+        done = counted(trials) >= cfg.study.n_trials and not running(trials)
     stale.listeners.append(tracker.close_stale_trial)
     return Session(storage, study, tracker, StudyLock(setup.url, f"merge-orchestrator/study/{name}"),
-                   stale, worker_name(), mine)
+                   stale, worker_name(), mine, done)
 
 
 def _own_sampler_seed(study: Any, cfg: SweepConfig, setup: Setup) -> None:
@@ -427,7 +431,8 @@ def work(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, s
             run_baselines(session.study, resident, setup.candidates, session.tracker, cfg, say)
         objective = Objective(setup.spaces, resident, session.tracker, setup.candidates, cfg.study.seed,
                               cfg.study.multi_objective, cfg.study.pruner.name == "wilcoxon",
-                              on_done=_progress(session.study, say), worker=session.worker)
+                              on_done=_progress(session.study, say), worker=session.worker,
+                              interruptible=signals.interruptible)
         liveness = Liveness(session.storage, cfg.study.heartbeat_s, cfg.study.grace_s, session.stale,
                             session.worker)
         worker = Worker(session.study, session.lock, liveness, signals, cfg.study.n_trials, cfg.study.timeout_s,
@@ -464,13 +469,14 @@ def finish(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident,
         trials = study.get_trials(deepcopy=False)
         busy = running(trials)
         state = f"{sum(t.state.is_finished() for t in trials)}/{len(trials)}"
-        mine = not busy and (ran == 0 or study.user_attrs.get("mo.final") != state)
+        # once per state of the study; again on an explicit re-run of a finished study
+        mine = not busy and (session.done_at_join or study.user_attrs.get("mo.final") != state)
         if mine:
             study.set_user_attr("mo.final", state)
     if not mine:
         say(f"worker {session.worker} done ({ran} trials); "
-            + ("other workers are still running trials: " if busy else "another worker ")
-            + "the last one writes the report")
+            + ("other workers are still running trials; the last one writes the report" if busy
+               else "another worker writes the report"))
         return SweepOutcome(cfg.study.name, [], None, None, _counts(study), tracker.parent_id, False, ran,
                             session.worker)
     tracker.reconcile(study.get_trials(deepcopy=False))

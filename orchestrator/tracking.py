@@ -153,42 +153,48 @@ class Tracker:
                 return out
 
     def close_stale_trial(self, trial: Any) -> None:
-        """Close the run a killed worker left RUNNING for ``trial`` (now FAIL in Optuna)."""
-        for run in self.children():
-            if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status == "RUNNING":
+        """Close the run a killed worker left RUNNING for ``trial`` (now FAIL); make one if it had none."""
+        if not (self.enabled and self.parent_id):
+            return
+        runs = [r for r in self.children() if r.data.tags.get(TRIAL_TAG) == str(trial.number)]
+        for run in runs or [self._reconstruct(trial)]:
+            if run.info.status == "RUNNING":
                 self.set_tags(run.info.run_id, {"mo.stale": "true",
                                                 "fail_reason": "worker lost (no heartbeat); trial queued again"})
                 self.end_trial(run.info.run_id, "FAILED")
 
     def sync_trial(self, trial: Any) -> None:
         """Give the runs of a finished trial its status (e.g. KILLED after an interrupt)."""
-        want = run_status(trial)
-        for run in self.children():
-            if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status != want:
-                self.end_trial(run.info.run_id, want)
+        self.reconcile([trial], force=True)
 
-    def reconcile(self, trials: list[Any]) -> int:
-        """Make child runs match finished trials one to one; returns how many runs it fixed."""
+    def reconcile(self, trials: list[Any], force: bool = False) -> int:
+        """Make child runs match finished trials one to one; returns how many runs it fixed.
+
+        A finished trial without a run (its worker died or was interrupted between asking for
+        it and opening its run) gets one; a run left RUNNING (or, with ``force``, any run whose
+        status disagrees) gets the trial's status.
+        """
         if not (self.enabled and self.parent_id):
             return 0
         by_trial: dict[str, list[Any]] = {}
         for run in self.children():
             by_trial.setdefault(run.data.tags.get(TRIAL_TAG, ""), []).append(run)
         fixed = 0
-        for t in trials:
-            if not t.state.is_finished():
-                continue
-            runs = by_trial.get(str(t.number), [])
-            if not runs:  # the worker died between asking for the trial and opening its run
-                run_id = self.start_trial(t.number, {"method": t.user_attrs.get("method", ""), **t.params},
-                                          worker=t.user_attrs.get("worker"))
-                self.set_tags(run_id, {"mo.reconstructed": "true"})
-                runs = [self.client.get_run(run_id)]
+        for t in (t for t in trials if t.state.is_finished()):
+            runs = by_trial.get(str(t.number)) or [self._reconstruct(t)]
             for run in runs:
-                if run.info.status == "RUNNING":
+                if run.info.status == "RUNNING" or (force and run.info.status != run_status(t)):
                     self.end_trial(run.info.run_id, run_status(t))
                     fixed += 1
         return fixed
+
+    def _reconstruct(self, trial: Any) -> Any:
+        run_id = self.start_trial(trial.number, {"method": trial.user_attrs.get("method", ""), **trial.params},
+                                  worker=trial.user_attrs.get("worker"))
+        self.set_tags(run_id, {"mo.reconstructed": "true",
+                               **({"fail_reason": trial.user_attrs["fail_reason"]}
+                                  if "fail_reason" in trial.user_attrs else {})})
+        return self.client.get_run(run_id)
 
     # --- trials (children) ----------------------------------------------------------------
     def start_trial(self, number: int, params: Mapping[str, Any], kind: str = "trial",

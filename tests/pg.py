@@ -1,9 +1,10 @@
 """A throwaway PostgreSQL cluster for tests: initdb in a temp folder, a free port, stopped after.
 
 Debian's postgresql binaries refuse to run as root, so as root they run as the ``postgres``
-user. With ``password``, a login role ``mo`` owns the databases and must authenticate over
-TCP with SCRAM (a ``pg_hba.conf`` rule ahead of the trust rules), so URLs carry a real
-password. Raises (with the reason) only where no PostgreSQL is installed at all.
+system user (created by Debian's ``postgresql`` package). With ``password``, a login role
+``mo`` owns the databases and must authenticate over TCP with SCRAM (a ``pg_hba.conf`` rule
+ahead of the trust rules), so URLs carry a real password. Tests that need a cluster skip
+where no PostgreSQL is installed, unless ``MO_REQUIRE_PG=1`` (CI) makes that a failure.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ def _bindir() -> Path | None:
 
 
 def available() -> bool:
-    """Whether PostgreSQL's server binaries are installed."""
-    return _bindir() is not None
+    """Whether PostgreSQL's server binaries are installed (or required: ``MO_REQUIRE_PG=1``).
+
+    CI sets ``MO_REQUIRE_PG=1`` so that a missing PostgreSQL fails the tests that need it
+    instead of skipping them.
+    """
+    return _bindir() is not None or os.environ.get("MO_REQUIRE_PG") == "1"
 
 
 def free_port() -> int:
@@ -85,7 +90,9 @@ def postgres_server(dbnames: tuple[str, ...] = ("optuna",), password: str | None
     data, port = root / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    run = lambda cmd: subprocess.run(_as_pg(cmd), check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+    def run(cmd: list[str]) -> None:
+        subprocess.run(_as_pg(cmd), check=True, capture_output=True, text=True, timeout=120)
+
     try:
         run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
         if password:  # SCRAM for the role over TCP; first matching rule wins

@@ -30,7 +30,7 @@ WRONG_PASSWORD = "Wr0ng-pa55-xyz"
 
 @dataclass(frozen=True)
 class Case:
-    """One bad input: overrides (``{zoo}``, ``{case}``, ``{spaces}``, ``{pg}`` ... filled in) and the expected words."""
+    """One bad input: overrides (``{zoo}``, ``{case}``, ``{spaces}`` ... filled in) and the expected words."""
 
     id: str
     overrides: tuple[str, ...]
@@ -237,3 +237,42 @@ def test_no_tables_were_created_in_a_database_we_could_not_log_into(results):
     if results["_pg_tables"] is None:
         pytest.skip("PostgreSQL is not installed")
     assert results["_pg_tables"] == 0
+
+
+# ----------------------------------------------------------------------------- small units
+
+
+@pytest.mark.parametrize("text,secret", [
+    ("postgresql+psycopg2://mo:S3cret@127.0.0.1:5432/optuna", "S3cret"),
+    ("study.storage=postgresql://u:p4ss@h/db tracking.uri=http://a:b0b@h:5000", "p4ss"),
+    ("http://a:b0b@h:5000/x", "b0b"),
+    ("host=h dbname=d password=hunter2 user=u", "hunter2"),
+    ("postgresql://u@h/db?password=qwerty&sslmode=require", "qwerty"),
+])
+def test_redact_masks_passwords_in_urls_and_free_text(text, secret):
+    from orchestrator.study import redact_text
+
+    assert secret not in redact_text(text) and "***" in redact_text(text)
+
+
+def test_redact_leaves_urls_without_passwords_alone():
+    from orchestrator.study import redact_text
+
+    for text in ("sqlite:////tmp/x/optuna.db", "http://127.0.0.1:5000/a@b", "journal:///shared/s.log"):
+        assert redact_text(text) == text
+
+
+def test_cfg_printout_masks_the_password(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--cfg",
+                           "study.storage=postgresql+psycopg2://mo:Secr3t-x@127.0.0.1:1/optuna"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Secr3t-x" not in proc.stdout and "mo:***@" in proc.stdout
+
+
+def test_a_schema_key_absent_from_the_yaml_can_be_overridden():
+    from orchestrator.config import load_config
+
+    cfg = load_config(["experiment=debug", "eval.device=cpu", "study.heartbeat_s=5", "eval.threads=1",
+                       "candidates.allow_pickle=true"])
+    assert (cfg.study.heartbeat_s, cfg.eval.threads, cfg.candidates.allow_pickle) == (5, 1, True)
+    assert cfg.candidates.allow_pickle is True and load_config([]).candidates.allow_pickle is False

@@ -155,8 +155,9 @@ def _join_child(cfg, overrides, barrier, queue) -> None:
     from orchestrator.study import make_pruner, make_sampler, storage_url
 
     runs_dir = Path(cfg.runs_dir)
-    setup = Setup(runs_dir, load_spaces(cfg), make_sampler(cfg.study.sampler), make_pruner(cfg.study.pruner, 10, False),
-                  None, None, storage_url(cfg.study.storage, runs_dir), cfg.candidates, ["maximize"], {})
+    setup = Setup(runs_dir, load_spaces(cfg), make_sampler(cfg.study.sampler),
+                  make_pruner(cfg.study.pruner, 10, False), None, None, storage_url(cfg.study.storage, runs_dir),
+                  cfg.candidates, ["maximize"], {})
     barrier.wait()
     session = join(cfg, setup, overrides)
     queue.put((session.tracker.parent_id, session.baselines_mine))
@@ -169,9 +170,11 @@ def test_workers_starting_together_on_fresh_stores_make_one_study_and_one_parent
     from orchestrator.config import load_config
 
     tag = f"{storage[:4]}{tracking[:4]}"
-    url = {"postgresql": lambda: cluster.create_database(f"race_{tag}"), "journal": lambda: f"journal://{tmp_path}/j.log",
+    url = {"postgresql": lambda: cluster.create_database(f"race_{tag}"),
+           "journal": lambda: f"journal://{tmp_path}/j.log",
            "sqlite": lambda: f"sqlite:///{tmp_path}/runs/optuna.db"}[storage]()
-    uri = cluster.create_database(f"mlf_{tag}") if tracking == "postgresql" else f"sqlite:///{tmp_path}/runs/mlflow.db"
+    uri = (cluster.create_database(f"mlf_{tag}") if tracking == "postgresql"
+           else f"sqlite:///{tmp_path}/runs/mlflow.db")
     overrides = sweep_args(micro_zoo, tmp_path / "runs", f"study.storage={url}", f"tracking.uri={uri}")
     cfg = load_config(overrides)
     ctx = multiprocessing.get_context("fork")
@@ -207,7 +210,8 @@ def _loop_child(url: str, slow_trial: int) -> None:
     def objective(trial):
         x = trial.suggest_float("x", 0, 1)
         if trial.number == slow_trial:
-            time.sleep(120)
+            with signals.interruptible():  # compute: where SIGTERM may cut in
+                time.sleep(120)
         return x
     Worker(study, StudyLock(url, "loop"), Liveness(storage, 1, 3, stale, "child"), signals, 6).run(objective)
 
@@ -293,7 +297,8 @@ def test_two_workers_share_one_study_and_one_parent_run(cluster, mlflow_server, 
     texts = [finish(proc, log) for proc, log in procs]
     trials = trials_of(url, "debug")
     assert len(trials) == 20 and counted(trials) == 20
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), [t.user_attrs.get("fail_reason") for t in trials]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), \
+        [t.user_attrs.get("fail_reason") for t in trials]
     assert len({t.number for t in trials}) == 20
     workers = {t.user_attrs.get("worker") for t in trials if "worker" in t.user_attrs}
     assert len(workers) == 2, workers  # both pulled trials
@@ -307,51 +312,65 @@ def test_two_workers_share_one_study_and_one_parent_run(cluster, mlflow_server, 
     assert_no_password(mlflow_server, texts, tmp_path)
 
 
+def interrupt_mid_trial(args: list[str], url: str, log: Path, sig: int, after: int) -> tuple[list[str], Any]:
+    """Start a worker, signal it while a trial (number >= after) evaluates; returns (outputs, lost trial).
+
+    A signal can land just after the trial ended (then no trial is lost): try again, at most 3 times.
+    """
+    texts = []
+    for attempt in range(3):
+        try:
+            before = {t.number for t in trials_of(url, "debug") if t.state.name == "FAIL"}
+        except KeyError:  # no study yet
+            before = set()
+        proc = start_worker(args, log.with_name(f"{log.name}{attempt}"))
+        wait_for(mid_trial(url, "debug", after), 120, "a running trial")
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+        texts.append(output(log.with_name(f"{log.name}{attempt}")))
+        assert rc == (-9 if sig == signal.SIGKILL else 130), texts[-1][-3000:]
+        trials = trials_of(url, "debug")
+        lost = ([t for t in trials if t.state.name == "RUNNING"] if sig == signal.SIGKILL else
+                [t for t in trials if t.state.name == "FAIL" and t.number not in before])
+        if lost:
+            assert len(lost) == 1
+            return texts, lost[0]
+    raise AssertionError("no trial was interrupted in 3 attempts")
+
+
 def test_sigterm_then_sigkill_then_restart_loses_nothing(cluster, micro_zoo, tmp_path):
     url, uri = cluster.create_database("crash"), cluster.create_database("crash_mlflow")
     args = sweep_args(micro_zoo, tmp_path / "runs", f"study.storage={url}", f"tracking.uri={uri}",
                       "study.n_trials=10", "study.heartbeat_s=1", "study.grace_s=3", "study.pruner.name=none",
                       "study.baselines=false", "eval.rungs=[10,60]")
-    texts = []
-    # 1. SIGTERM mid-trial: the trial ends FAIL (interrupted), is queued again, its run is KILLED.
-    proc = start_worker(args, tmp_path / "a")
-    wait_for(mid_trial(url, "debug", 2), 120, "a running trial")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130, output(tmp_path / "a")
-    texts.append(output(tmp_path / "a"))
+    # 1. SIGTERM mid-trial: the trial ends FAIL (interrupted), is queued again; its run, the parent: KILLED.
+    texts, termed = interrupt_mid_trial(args, url, tmp_path / "a", signal.SIGTERM, 2)
     assert "interrupted (SIGTERM)" in texts[-1]
+    assert termed.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
     trials = trials_of(url, "debug")
-    termed = [t for t in trials if t.user_attrs.get("fail_reason", "").startswith("interrupted")]
-    assert len(termed) == 1 and termed[0].state.name == "FAIL"
     waiting = [t for t in trials if t.state.name == "WAITING"]
-    assert len(waiting) == 1 and waiting[0].params == termed[0].params
-    check_mlflow_matches([t for t in trials if t.state.is_finished()], mlflow_runs(uri))
+    assert len(waiting) == 1 and waiting[0].params == termed.params
+    parent = check_mlflow_matches([t for t in trials if t.state.is_finished()], mlflow_runs(uri))
+    assert parent.info.status == "KILLED"
     # 2. SIGKILL mid-trial: nothing can run in the worker; the trial stays RUNNING in storage.
-    proc = start_worker(args, tmp_path / "b")
-    wait_for(mid_trial(url, "debug", termed[0].number + 2), 120, "a running trial")
-    proc.kill()
-    proc.wait(timeout=30)
-    texts.append(output(tmp_path / "b"))
+    more, killed = interrupt_mid_trial(args, url, tmp_path / "b", signal.SIGKILL, termed.number + 2)
+    texts += more
     before = {t.number: t.values for t in trials_of(url, "debug") if t.state.name == "COMPLETE"}
-    killed = [t for t in trials_of(url, "debug") if t.state.name == "RUNNING"]
-    assert len(killed) == 1
     # 3. Restart: the stale trial is failed and retried with the same parameters; the study completes.
     texts.append(finish(start_worker(args, tmp_path / "c"), tmp_path / "c"))
     trials = trials_of(url, "debug")
     after = {t.number: t.values for t in trials}
     assert all(after[n] == v for n, v in before.items())
-    by_number = {t.number: t for t in trials}
-    assert by_number[killed[0].number].state.name == "FAIL"
-    for lost in (termed[0], killed[0]):
+    assert {t.number: t for t in trials}[killed.number].state.name == "FAIL"
+    for lost in (termed, killed):
         retry = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
         assert len(retry) == 1 and retry[0].params == lost.params and retry[0].state.is_finished()
     assert counted(trials) == 10 and len(trials) == 12
     assert all(t.state.is_finished() for t in trials)
     runs = mlflow_runs(uri)
-    parent = check_mlflow_matches(trials, runs)
-    assert parent.info.status == "FINISHED"
+    assert check_mlflow_matches(trials, runs).info.status == "FINISHED"
     status = {int(r.data.tags["mo.trial"]): r for r in runs if r.data.tags.get("mo.kind") == "trial"}
-    assert status[termed[0].number].info.status == "KILLED"
-    assert status[killed[0].number].info.status == "FAILED"
-    assert status[killed[0].number].data.tags.get("mo.stale") == "true"
+    assert status[termed.number].info.status == "KILLED"
+    assert status[killed.number].info.status == "FAILED"
+    assert status[killed.number].data.tags.get("mo.stale") == "true"
     assert_no_password(uri, texts, tmp_path)
