@@ -108,8 +108,8 @@ def worker_loop(url: str, n: int) -> float:
     """Seconds per trial of the orchestrator's worker loop (lock, heartbeat, stale check, cap)."""
     import optuna
 
-    from orchestrator.study import (JOIN, Liveness, Signals, StaleTrials, StudyLock, Worker, make_storage,
-                                    open_study, storage_kind)
+    from orchestrator.study import JOIN, StudyLock, make_storage, open_study, storage_kind
+    from orchestrator.workers import Liveness, Signals, StaleTrials, Worker
 
     stale = StaleTrials(3)
     with StudyLock(url, JOIN):

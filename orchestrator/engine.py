@@ -75,9 +75,63 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def open_models(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, ModelWeights]:
-    """Resolve every model reference and open its weights lazily (headers only)."""
-    return {ref: ModelWeights(resolve_model_path(ref, recipe.source_dir), allow_pickle=allow_pickle)
-            for ref in recipe.referenced_models()}
+    """Resolve every model reference and open its weights lazily (headers only).
+
+    A LoRA adapter may stand wherever a model does: ``model+adapter`` (mergekit's form) is
+    the model with the adapter baked in, and a bare adapter folder is ``base_model+adapter``.
+    Both are read through ``orchestrator.lora.BakedWeights``, never written to disk.
+    """
+    opened: dict[str, Any] = {}
+    try:
+        for ref in recipe.referenced_models():
+            opened[ref] = open_model(ref, recipe, allow_pickle=allow_pickle)
+    except BaseException:
+        _close(opened)
+        raise
+    return opened
+
+
+def open_model(ref: str, recipe: Recipe, *, allow_pickle: bool = False) -> Any:
+    """The weights of one model reference of ``recipe`` (a ``ModelWeights`` or ``BakedWeights``)."""
+    from orchestrator.lora import BakedWeights, is_adapter_folder, load_adapter
+
+    model_ref, plus, adapter_ref = ref.partition("+")
+    if plus:
+        model_path = resolve_model_path(model_ref, recipe.source_dir)
+        if is_adapter_folder(model_path):
+            raise UserError(f"model '{ref}': {model_path} is a LoRA adapter, not a model; "
+                            "write 'model+adapter' with the model first")
+        adapter_path = resolve_model_path(adapter_ref, recipe.source_dir)
+        if not is_adapter_folder(adapter_path):
+            raise UserError(f"model '{ref}': {adapter_path} is not a LoRA adapter folder "
+                            "(no adapter_config.json)")
+        adapter = load_adapter(adapter_path)
+        return _baked(BakedWeights, ModelWeights(model_path, allow_pickle=allow_pickle), adapter, ref)
+    path = resolve_model_path(ref, recipe.source_dir)
+    if not is_adapter_folder(path):
+        return ModelWeights(path, allow_pickle=allow_pickle)
+    base = recipe.base_model
+    if not base or base == ref:
+        raise UserError(f"model '{ref}' is a LoRA adapter but the recipe has no base_model to apply "
+                        f"it to; set base_model, or write 'MODEL+{ref}'")
+    if "+" in base or is_adapter_folder(resolve_model_path(base, recipe.source_dir)):
+        raise UserError(f"model '{ref}' is a LoRA adapter on base_model '{base}', which is not a "
+                        "plain model folder; write 'MODEL+ADAPTER' for this entry")
+    adapter = load_adapter(path)
+    base_weights = ModelWeights(resolve_model_path(base, recipe.source_dir), allow_pickle=allow_pickle)
+    return _baked(BakedWeights, base_weights, adapter, ref)
+
+
+def _baked(baked_cls: Any, base: ModelWeights, adapter: Any, ref: str) -> Any:
+    """``base`` with ``adapter`` baked in; the base is closed if the adapter does not fit it."""
+    try:
+        return baked_cls(base, [adapter])
+    except UserError as err:
+        base.close()
+        raise UserError(f"model '{ref}': {err}") from None
+    except BaseException:
+        base.close()
+        raise
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path,
@@ -408,6 +462,10 @@ def write_extras(plan: MergePlan, weights: Mapping[str, ModelWeights], folder: P
 def _is_local(ref: str, recipe: Recipe, folder: Path) -> bool:
     """Whether ``ref`` named a local folder (rather than a Hub id that was downloaded)."""
     roots = [recipe.source_dir, Path.cwd()] if recipe.source_dir else [Path.cwd()]
+    if "+" in ref or recipe.base_model and ref != recipe.base_model and (folder / "config.json").is_file() \
+            and any((root / Path(ref).expanduser() / "adapter_config.json").is_file() for root in roots):
+        # model+adapter or a bare adapter: local when every part is a local folder
+        return all(any((root / Path(part).expanduser()).is_dir() for root in roots) for part in ref.split("+"))
     return any((root / Path(ref).expanduser()).resolve() == folder.resolve() for root in roots)
 
 

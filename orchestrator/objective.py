@@ -120,7 +120,7 @@ class Objective:
     def _failed(self, trial: Any, method: str, run_id: str | None, rungs: list[tuple[int, float]],
                 err: BaseException) -> None:
         """Record why a trial failed; an interrupt (SIGINT/SIGTERM) ends its run KILLED."""
-        from orchestrator.study import INTERRUPTED
+        from orchestrator.workers import INTERRUPTED
 
         if isinstance(err, KeyboardInterrupt):
             reason = f"{INTERRUPTED} ({err.args[0] if err.args else 'SIGINT'})"
@@ -175,7 +175,7 @@ class Objective:
 
     def _rungs(self) -> Any:
         """The search split's rungs, each computed inside an interruptible window."""
-        rungs = self.resident.rungs("search")
+        rungs = self.resident.rungs("search", per_item=self.wilcoxon)
         while True:
             with self.interruptible():
                 result = next(rungs, None)

@@ -255,8 +255,11 @@ def _opt_model(raw, where: str) -> str | None:
     if raw is not None and not isinstance(raw, str):
         raise UserError(f"{where} must be a model path or Hub id, got {raw!r}")
     if isinstance(raw, str) and "+" in raw:
-        raise UserError(f"{where} '{raw}': 'model+lora' references are not supported; "
-                        "merge the adapter into its model first")
+        model, _, adapter = raw.partition("+")
+        if not model.strip() or not adapter.strip():
+            raise UserError(f"{where} '{raw}': a 'model+adapter' reference needs both a model and "
+                            "a LoRA adapter folder around the '+'")
+        return f"{model.strip()}+{adapter.strip()}"
     return raw.strip() if isinstance(raw, str) else None
 
 

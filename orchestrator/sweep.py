@@ -128,23 +128,46 @@ def resolve_candidates(cand: CandidatesConfig, runs_dir: Path) -> CandidatesConf
         build_zoo(zoo_dir, micro=cand.zoo == "micro",
                   log=lambda msg: None if msg.startswith("test-split") else print(msg, flush=True))
 
-    def resolve(ref: str | None, where: str) -> str | None:
+    def resolve(ref: str | None, where: str, adapter_ok: bool = False) -> str | None:
+        """An absolute model folder; a LoRA adapter becomes ``base+adapter`` (adapter_ok)."""
+        from orchestrator.lora import is_adapter_folder
         from orchestrator.weights import is_model_folder, resolve_model_path
 
         if ref is None:
             return None
+        model_ref, plus, adapter_ref = ref.partition("+")
         try:
-            path = resolve_model_path(ref)
+            path = resolve_model_path(model_ref.strip())
+            adapter = resolve_model_path(adapter_ref.strip()) if plus else None
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
+        if adapter is None and adapter_ok and is_adapter_folder(path):
+            if base is None:
+                raise UserError(f"{where}: {path} is a LoRA adapter; set candidates.base to the model "
+                                f"it was trained on, or write MODEL+{ref}")
+            path, adapter = Path(base), path
         if not is_model_folder(path):
             raise UserError(f"{where}: {path} is not a model folder (no config.json and weights)")
-        return str(path)
+        if adapter is not None and not is_adapter_folder(adapter):
+            raise UserError(f"{where}: {adapter} is not a LoRA adapter folder (no adapter_config.json)")
+        return f"{path}+{adapter}" if adapter is not None else str(path)
 
-    return CandidatesConfig(models={k: resolve(v, f"candidates.models.{k}") for k, v in cand.models.items()},
-                            base=resolve(cand.base, "candidates.base"), zoo=cand.zoo, dtype=cand.dtype,
+    base = resolve(cand.base, "candidates.base")
+    if base is not None and "+" in base:
+        raise UserError(f"candidates.base must be a plain model folder, got {cand.base!r}")
+    return CandidatesConfig(models={k: resolve(v, f"candidates.models.{k}", adapter_ok=True)
+                                    for k, v in cand.models.items()},
+                            base=base, zoo=cand.zoo, dtype=cand.dtype,
                             tokenizer_source=resolve(cand.tokenizer_source, "candidates.tokenizer_source"),
                             allow_pickle=cand.allow_pickle)
+
+
+def adapter_candidates(candidates: CandidatesConfig) -> dict[str, str] | None:
+    """``{name: adapter folder}`` when every candidate is ``base+adapter`` on the study's base."""
+    prefix = f"{candidates.base}+" if candidates.base else None
+    if prefix is None or not all(ref.startswith(prefix) for ref in candidates.models.values()):
+        return None
+    return {name: ref[len(prefix):] for name, ref in candidates.models.items()}
 
 
 def eval_spec(cfg: EvalConfig, seed: int) -> Any:
@@ -161,47 +184,108 @@ def eval_spec(cfg: EvalConfig, seed: int) -> Any:
 
 
 class Resident:
-    """The one loaded model, its in-memory merger and its evaluator."""
+    """The one loaded model, its merger and its evaluator.
+
+    The merger is the engine's ``InMemoryMerger``, or, when every candidate is a LoRA adapter
+    on the base and every method merges updates (``adapter_fast``), an ``AdapterMerger`` that
+    rewrites only the adapted parameters: a trial then costs the adapters' size, not the model's.
+    Both give the tensors ``merge_to_disk`` writes for the same recipe.
+    """
 
     def __init__(self, candidates: CandidatesConfig, spec: Any, suite: Any, seed: int,
-                 quiet: bool = True) -> None:
-        from orchestrator.engine import InMemoryMerger
+                 quiet: bool = True, adapter_fast: bool = False) -> None:
         from orchestrator.evaluate import ResidentEvaluator
 
-        template = union_recipe(candidates)
-        try:  # headers, architectures and vocabularies are checked here
-            self.merger = InMemoryMerger(template, device=spec.device, seed=seed,
-                                         allow_pickle=candidates.allow_pickle)
-        except UserError as err:
-            raise UserError(str(err).replace("pass --allow-pickle", "set candidates.allow_pickle=true")) from None
+        adapters = adapter_candidates(candidates) if adapter_fast else None
+        self.merger: Any = None
+        if adapters is None:
+            self.merger = self._engine_merger(candidates, spec, seed)
         folder = candidates.base or next(iter(candidates.models.values()))
+        if "+" in folder:  # no base: the first candidate is model+adapter; load its model
+            folder = folder.partition("+")[0]
         self.evaluator = ResidentEvaluator(folder, spec, tokenizer=candidates.tokenizer_source, suite=suite)
-        self.merger.model = self.evaluator.model
+        self.adapters = self._adapter_merger(adapters) if adapters is not None else None
+        self.adapter_index = {ref: i for i, ref in enumerate(candidates.models.values())}
+        if self.merger is not None:
+            self.merger.model = self.evaluator.model
         self.quiet = quiet
         self._leaf_info = {leaf: (t.name, suite.metrics[t.name], t.weight)
                            for t in spec.tasks for leaf in suite.loaded(t.name, None).leaves}
 
+    @staticmethod
+    def _engine_merger(candidates: CandidatesConfig, spec: Any, seed: int) -> Any:
+        from orchestrator.engine import InMemoryMerger
+
+        try:  # headers, architectures and vocabularies are checked here
+            return InMemoryMerger(union_recipe(candidates), device=spec.device, seed=seed,
+                                  allow_pickle=candidates.allow_pickle)
+        except UserError as err:
+            raise UserError(str(err).replace("pass --allow-pickle", "set candidates.allow_pickle=true")) from None
+
+    def _adapter_merger(self, adapters: Mapping[str, str]) -> Any:
+        """An ``AdapterMerger`` over the candidates' adapters, on the resident base model."""
+        from orchestrator.lora import AdapterMerger, load_adapter
+
+        loaded = []
+        for name, path in adapters.items():
+            try:
+                loaded.append(load_adapter(path, name=name))
+            except UserError as err:
+                raise UserError(f"candidates.models.{name}: {err}") from None
+        try:
+            return AdapterMerger(self.evaluator.model, loaded)
+        except UserError as err:
+            raise UserError(f"candidates: {err}") from None
+
+    def _merge_adapters(self, recipe: Mapping[str, Any], seed: int) -> None:
+        """A recipe over ``base+adapter`` candidates, merged by the ``AdapterMerger``."""
+        method, entries = recipe["merge_method"], recipe.get("models") or []
+        gparams = dict(recipe.get("parameters") or {})
+        if recipe.get("slices") or not entries:
+            raise UserError("an adapter sweep merges recipes with models:, not slices")
+        if method == "linear" and gparams.get("normalize", True) is False:
+            raise UserError("an adapter sweep cannot run linear with normalize: false (it scales the "
+                            "whole model, not only the adapted parameters)")
+        subset, params = [], []
+        for entry in entries:
+            ref = entry["model"] if isinstance(entry, Mapping) else entry
+            subset.append(self.adapter_index[ref])
+            params.append(dict(entry.get("parameters") or {}) if isinstance(entry, Mapping) else {})
+        self.adapters.apply(method, params, gparams, seed, subset=subset)
+
     def merge(self, recipe: Mapping[str, Any], seed: int) -> None:
         import torch
 
-        self.merger.merge_into(dict(recipe), seed=seed)
+        if self.adapters is not None:
+            self._merge_adapters(recipe, seed)
+        else:
+            self.merger.merge_into(dict(recipe), seed=seed)
         if not all(torch.isfinite(p).all() for p in self.evaluator.model.parameters()):
             raise FloatingPointError("the merge produced NaN or inf weights")
         self.evaluator.reset()
 
-    def rungs(self, split: str) -> Iterator[Rung]:
-        """The evaluator's rungs as ``Rung``s, with the items each one added."""
+    def rungs(self, split: str, per_item: bool = False) -> Iterator[Rung]:
+        """The evaluator's rungs as ``Rung``s; with ``per_item``, also the items each one added.
+
+        Per-item values are only needed by the Wilcoxon pruner; collecting them scans every
+        stored item at every rung, so the other pruners skip it.
+        """
         seen: set[tuple[str, int]] = set()
         for result in _quiet_iter(self.evaluator.evaluate_rungs(split), self.quiet):
-            new = []
-            for leaf, docs in self.evaluator.item_results(split).items():
-                task, metric, weight = self._leaf_info[leaf]
-                for doc, record in docs.items():
-                    if (leaf, doc) not in seen:
-                        seen.add((leaf, doc))
-                        new.append((_item_id(leaf, doc), weight * float(record[metric])))
+            new = self._new_items(split, seen) if per_item else ()
             yield _rung(result.n_items, result.score, result.stderr,
-                       {k: c.value for k, c in result.components.items()}, tuple(sorted(new)))
+                        {k: c.value for k, c in result.components.items()}, new)
+
+    def _new_items(self, split: str, seen: set[tuple[str, int]]) -> tuple[tuple[int, float], ...]:
+        """(stable id, weighted metric value) of the items not in ``seen`` (which it updates)."""
+        new = []
+        for leaf, docs in self.evaluator.item_results(split).items():
+            _, metric, weight = self._leaf_info[leaf]
+            for doc, record in docs.items():
+                if (leaf, doc) not in seen:
+                    seen.add((leaf, doc))
+                    new.append((_item_id(leaf, doc), weight * float(record[metric])))
+        return tuple(sorted(new))
 
     def evaluate(self, split: str) -> Any:
         with _quiet(self.quiet):
@@ -316,7 +400,7 @@ def worker_name() -> str:
 
 def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, out=sys.stdout) -> SweepOutcome:
     """One worker: check everything, load the model, join the study, run trials, maybe finalise."""
-    from orchestrator.study import Signals
+    from orchestrator.workers import Signals
 
     say = _printer(out)
     setup = prepare(cfg, say)
@@ -325,7 +409,10 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, out=sys.stdo
 
         torch.set_num_threads(cfg.eval.threads)
     start = time.perf_counter()
-    resident = Resident(setup.candidates, setup.spec, setup.suite, cfg.study.seed)
+    fast = all(space.spec.inputs == "deltas" for space in setup.spaces.values())
+    resident = Resident(setup.candidates, setup.spec, setup.suite, cfg.study.seed, adapter_fast=fast)
+    if resident.adapters is not None:
+        say(f"adapter sweep: each trial rewrites the {len(resident.adapters.names)} adapted parameters only")
     say(f"resident model loaded in {time.perf_counter() - start:.1f}s")
     signals = Signals()
     signals.install()
@@ -369,8 +456,8 @@ def prepare(cfg: SweepConfig, say: Any) -> Setup:
 def join(cfg: SweepConfig, setup: Setup, overrides: list[str] | None) -> Session:
     """Open (or create) storage, study and parent run under the storage's join lock."""
     from orchestrator.search import space_as_dict
-    from orchestrator.study import (JOIN, StaleTrials, StudyLock, counted, make_storage, open_study, running,
-                                    storage_kind)
+    from orchestrator.study import JOIN, StudyLock, make_storage, open_study, storage_kind
+    from orchestrator.workers import StaleTrials, counted, running
     from orchestrator.tracking import Tracker
 
     name = cfg.study.name
@@ -423,7 +510,7 @@ def work(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, s
          say: Any) -> SweepOutcome:
     """Baselines (if this worker claimed them), trials, then the final report if it is the last."""
     from orchestrator.objective import Objective
-    from orchestrator.study import Liveness, Worker
+    from orchestrator.workers import Liveness, Worker
 
     status = "FAILED"
     try:
@@ -450,7 +537,7 @@ def work(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, s
 
 def _close_parent(session: Session, status: str) -> None:
     """End the parent run: FINISHED by the finaliser; KILLED/FAILED only if no other worker is busy."""
-    from orchestrator.study import running
+    from orchestrator.workers import running
 
     if not status:
         return
@@ -462,7 +549,7 @@ def _close_parent(session: Session, status: str) -> None:
 def finish(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, ran: int,
            say: Any) -> SweepOutcome:
     """Confirm, save the best and report, if this worker ends the study (once per state of it)."""
-    from orchestrator.study import running
+    from orchestrator.workers import running
 
     study, tracker = session.study, session.tracker
     with session.lock:
@@ -483,7 +570,7 @@ def finish(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident,
     baselines = run_baselines(study, resident, setup.candidates, tracker, cfg, say, quiet=True)
     rows = baselines + best_rows(study, setup.spaces)
     confirm_rows(rows, resident, cfg.study.seed, study, say)
-    best = _best(rows, baselines)
+    best = _best(rows)
     best_dir = None
     if best and cfg.study.save_best:
         best_dir = save_best(best, setup.runs_dir / cfg.study.name / "best", cfg, rows)
@@ -551,10 +638,11 @@ def run_baselines(study: Any, resident: Resident, candidates: CandidatesConfig, 
 
 
 def _last(iterator: Iterator[Any]) -> Any:
-    result = None
-    for result in iterator:
+    """The final item of an iterator (the last rung: the full search split)."""
+    last = None
+    for last in iterator:  # noqa: B007 - only the final value is wanted
         pass
-    return result
+    return last
 
 
 def best_rows(study: Any, spaces: Mapping[str, MethodSpace]) -> list[Row]:
@@ -601,7 +689,7 @@ def confirm_rows(rows: list[Row], resident: Resident, seed: int, study: Any, say
         say(f"confirm {row.name:<24} {row.confirm:.4f} ± {row.confirm_se:.4f}")
 
 
-def _best(rows: list[Row], baselines: list[Row]) -> Row | None:
+def _best(rows: list[Row]) -> Row | None:
     """The best merge is chosen on the search split; the confirm score is what it reports."""
     trials = [r for r in rows if r.trial is not None]
     return max(trials, key=lambda r: r.search) if trials else None

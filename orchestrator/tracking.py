@@ -8,9 +8,10 @@ evaluated), final state, merge and eval seconds and the recipe YAML.
 Several workers: the parent is found by its ``mo.study`` tag or created, under the study's
 join lock (``orchestrator.study.StudyLock``), so workers starting together make one parent.
 Child runs match Optuna trials one to one (tag ``mo.trial``): a trial re-queued after its
-worker died is a new trial with its own run, and the dead trial's run, left RUNNING by the
-killed process, is closed FAILED (tag ``mo.stale``) by the worker that fails the trial, or by
-``reconcile`` when the study is finalised. Passwords in URLs are never logged: every param,
+worker died is a new trial with its own run, and the dead trial's run (left RUNNING by the
+killed process, or FINISHED when the kill came between closing the run and storing the value)
+is closed FAILED (tag ``mo.stale``) by the worker that fails the trial, or by ``reconcile``
+when the study is finalised. Passwords in URLs are never logged: every param,
 tag and text artifact goes through ``redact_text``.
 """
 
@@ -25,7 +26,8 @@ from typing import Any
 
 from orchestrator.config import TrackingConfig
 from orchestrator.errors import UserError
-from orchestrator.study import INTERRUPTED, redact, redact_text
+from orchestrator.study import redact, redact_text
+from orchestrator.workers import INTERRUPTED
 
 STUDY_TAG = "mo.study"
 KIND_TAG = "mo.kind"
@@ -153,12 +155,16 @@ class Tracker:
                 return out
 
     def close_stale_trial(self, trial: Any) -> None:
-        """Close the run a killed worker left RUNNING for ``trial`` (now FAIL); make one if it had none."""
+        """Mark FAILED the run of a killed worker's ``trial`` (now FAIL); make one if it had none.
+
+        The run is usually left RUNNING; it is FINISHED when the worker died after closing the
+        run but before storing the trial's value, and that value is lost with the worker.
+        """
         if not (self.enabled and self.parent_id):
             return
         runs = [r for r in self.children() if r.data.tags.get(TRIAL_TAG) == str(trial.number)]
         for run in runs or [self._reconstruct(trial)]:
-            if run.info.status == "RUNNING":
+            if run.info.status != "FAILED":
                 self.set_tags(run.info.run_id, {"mo.stale": "true",
                                                 "fail_reason": "worker lost (no heartbeat); trial queued again"})
                 self.end_trial(run.info.run_id, "FAILED")

@@ -465,3 +465,20 @@ def test_baked_weights_view_reads_like_the_merged_model(lora_zoo):
             assert torch.equal(view.get(name), merged[name]), name
         half = view.get("model.embed_tokens.weight", dtype=torch.bfloat16)
         assert half.dtype == torch.bfloat16
+
+
+def test_adapter_merger_subset_leaves_no_stale_update(lora_zoo):
+    """A merge of some adapters rewrites every targeted parameter: the others' updates vanish."""
+    adapters = [load_adapter(lora_zoo[n]) for n in ("ad1", "ad2")]
+    model = load_base(lora_zoo["base"])
+    merger = AdapterMerger(model, adapters)
+    merger.apply("task_arithmetic", [{"weight": 1.0}, {"weight": 1.0}])
+    merger.apply("linear", [{"weight": 2.0}], subset=[1])  # normalised: adapter 2 alone
+    state, base = model.state_dict(), base_state(lora_zoo)
+    only_ad1 = "model.layers.0.self_attn.v_proj.weight"  # ad1 targets v_proj, ad2 does not
+    assert only_ad1 in adapters[0].modules and only_ad1 not in adapters[1].modules
+    assert torch.equal(state[only_ad1], base[only_ad1])
+    for p in adapters[1].modules:
+        torch.testing.assert_close(state[p], base[p] + adapters[1].delta(p), atol=ATOL, rtol=0)
+    with pytest.raises(UserError, match="distinct adapters among 0..1"):
+        merger.apply("linear", [{"weight": 1.0}], subset=[2])

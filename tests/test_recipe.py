@@ -100,7 +100,7 @@ def test_gradients_dump_in_flow_style():
      "merge_method: linear", "same number of layers"),
     ("models: [{model: a, parameters: {weight: [{filter: x}]}}]\nmerge_method: linear",
      "needs a value"),
-    ("models: [{model: 'a+lora'}]\nmerge_method: linear", "lora"),
+    ("models: [{model: 'a+'}]\nmerge_method: linear", "needs both a model and a LoRA adapter"),
     ("models: [a\nmerge_method: linear", "not valid YAML"),
     ("models: [{model: a}]\nmerge_method: linear\nmodules: {}", "'modules'.*not supported"),
 ])
@@ -308,3 +308,9 @@ def test_hub_id_downloads_when_online(monkeypatch, tmp_path):
     assert resolve_model_path("org/model@v2", tmp_path / "nowhere") == tmp_path
     assert calls[0][:2] == ("org/model", "v2")
     assert "*.safetensors" in calls[0][2] and not any("bin" in p for p in calls[0][2])
+
+
+def test_model_plus_adapter_references_parse_and_round_trip():
+    r = Recipe.from_yaml("models: [{model: ' base + ad ', parameters: {weight: 1}}]\nmerge_method: linear")
+    assert r.models[0].model == "base+ad" and r.referenced_models() == ["base+ad"]
+    assert Recipe.from_yaml(r.to_yaml()) == r

@@ -129,3 +129,63 @@ def test_cli_bad_override_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "annealing" in proc.stderr
+
+
+def test_wilcoxon_pruner_gets_one_value_per_item(micro_zoo, tmp_path):
+    runs = tmp_path / "runs"
+    cfg, overrides = sweep_config(micro_zoo, runs, "study.n_trials=5", "method=task_arithmetic",
+                                  "study.pruner.name=wilcoxon", "study.baselines=false",
+                                  "tracking=none", "study.save_best=false", "study.name=wilcoxon")
+    run_sweep(cfg, overrides)
+    study = optuna.load_study(study_name="wilcoxon", storage=f"sqlite:///{runs / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    first = complete[0]
+    # Steps are stable item ids, one per item of the search split actually evaluated.
+    assert len(first.intermediate_values) == first.user_attrs["n_items"]
+    assert set(first.intermediate_values.values()) <= {0.0, 1.0}
+    for t in study.trials[1:]:
+        assert set(t.intermediate_values) <= set(first.intermediate_values)
+
+
+@pytest.fixture(scope="module")
+def micro_adapters(micro_zoo, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT LoRA adapters with small random factors on the micro zoo's base."""
+    from tests.test_lora import make_adapter
+
+    root = tmp_path_factory.mktemp("micro_adapters")
+    configs = {"ad_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+               "ad_mlp": dict(r=2, lora_alpha=4, target_modules=["up_proj", "down_proj", "q_proj"])}
+    return {name: make_adapter(micro_zoo / "base", root / name, seed=i, **config)
+            for i, (name, config) in enumerate(configs.items(), start=1)}
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_adapter_sweep_rewrites_adapted_parameters_and_saves_the_same_merge(micro_zoo, micro_adapters, tmp_path):
+    """LoRA candidates: trials run on the AdapterMerger; the best folder is the engine's merge."""
+    import io
+
+    from orchestrator.evaluate import ResidentEvaluator
+    from orchestrator.sweep import eval_spec
+
+    runs = tmp_path / "runs"
+    overrides = ["experiment=debug", f"runs_dir={runs}", "candidates.zoo=null", f"candidates.base={micro_zoo / 'base'}",
+                 "~candidates.models", "+candidates.models={" + ",".join(f"{n}:'{p}'" for n, p in micro_adapters.items()) + "}",
+                 "method=adapters",
+                 "study.n_trials=6", "study.name=lora"]
+    out = io.StringIO()
+    outcome = run_sweep(load_config(overrides), overrides, out=out)
+    text = out.getvalue()
+    assert "adapter sweep: each trial rewrites the 8 adapted parameters only" in text  # q, v, up, down x 2 layers
+    names = [r.name for r in outcome.rows]
+    assert names[:3] == ["parent:ad_qv", "parent:ad_mlp", "uniform average"]
+    for row in outcome.rows:
+        assert row.confirm is not None
+    best = outcome.best.recipe
+    assert all(m["model"].startswith(f"{micro_zoo / 'base'}+") for m in best["models"])
+    # The saved best (engine over base+adapter, on disk) scores what the resident merge scored.
+    scores = json.loads((outcome.best_dir / "scores.json").read_text())
+    cfg = load_config(overrides)
+    confirm = ResidentEvaluator(outcome.best_dir, eval_spec(cfg.eval, cfg.study.seed)).evaluate("confirm")
+    assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
+    assert confirm.score == pytest.approx(outcome.best.confirm, abs=1e-9)

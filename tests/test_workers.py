@@ -99,7 +99,7 @@ def mid_trial(url: str, name: str, after: int):
 
 
 def counted(trials: list[Any]) -> int:
-    from orchestrator.study import counted as count
+    from orchestrator.workers import counted as count
 
     return count(trials)
 
@@ -199,7 +199,8 @@ def test_workers_starting_together_on_fresh_stores_make_one_study_and_one_parent
 
 
 def _loop_child(url: str, slow_trial: int) -> None:
-    from orchestrator.study import Liveness, Signals, StaleTrials, StudyLock, Worker, make_storage, open_study
+    from orchestrator.study import StudyLock, make_storage, open_study
+    from orchestrator.workers import Liveness, Signals, StaleTrials, Worker
 
     stale = StaleTrials(3)
     storage = make_storage(url, 1, 3, stale if not url.startswith("journal") else None)
@@ -217,7 +218,8 @@ def _loop_child(url: str, slow_trial: int) -> None:
 
 
 def _run_loop(url: str, n: int) -> Any:
-    from orchestrator.study import Liveness, Signals, StaleTrials, StudyLock, Worker, make_storage, open_study
+    from orchestrator.study import StudyLock, make_storage, open_study
+    from orchestrator.workers import Liveness, Signals, StaleTrials, Worker
 
     stale = StaleTrials(3)
     storage = make_storage(url, 1, 3, stale if not url.startswith("journal") else None)
@@ -374,3 +376,26 @@ def test_sigterm_then_sigkill_then_restart_loses_nothing(cluster, micro_zoo, tmp
     assert status[killed.number].info.status == "FAILED"
     assert status[killed.number].data.tags.get("mo.stale") == "true"
     assert_no_password(uri, texts, tmp_path)
+
+
+def test_a_stale_trials_finished_run_is_marked_failed(tmp_path):
+    """A worker killed after closing its run FINISHED but before ``tell``: the value is lost, the run FAILED."""
+    from orchestrator.config import TrackingConfig
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(experiment="stale"), tmp_path)
+    tracker.start_study("stale", {}, {})
+    closed, running = tracker.start_trial(0, {"x": 0.5}), tracker.start_trial(1, {"x": 0.7})
+    tracker.end_trial(closed, "FINISHED")
+    study = optuna.create_study()
+    for x in (0.5, 0.7):
+        study.enqueue_trial({"x": x})
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    for trial in study.get_trials():
+        tracker.close_stale_trial(trial)
+    runs = {r.data.tags["mo.trial"]: r for r in tracker.children()}
+    assert {n: (r.info.status, r.data.tags.get("mo.stale")) for n, r in runs.items()} == {
+        "0": ("FAILED", "true"), "1": ("FAILED", "true")}
+    assert runs["0"].info.run_id == closed and runs["1"].info.run_id == running

@@ -20,15 +20,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR if it exists")
+    parser.add_argument("--adapter", action="store_true",
+                        help="write one combined PEFT LoRA adapter instead of a model (every model "
+                             "of the recipe must be an adapter on base_model; see README, LoRA)")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
 def run(args: argparse.Namespace) -> int:
     """Merge, then print a one-line summary (tensors, seconds, output size)."""
+    from orchestrator.adapters import uses_adapter_keys
     from orchestrator.engine import merge_to_disk
+    from orchestrator.errors import UserError
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.adapter:
+        return _adapter(recipe, args)
+    if uses_adapter_keys(recipe):
+        raise UserError(f"{args.recipe}: parameters rank/peft_compatible describe a combined adapter; "
+                        "pass --adapter to write one")
     result = merge_to_disk(recipe, args.out_dir, seed=args.seed, device=args.device,
                            allow_pickle=args.allow_pickle, shard_size=args.shard_size,
                            overwrite=args.overwrite)
@@ -36,6 +46,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"merged {result.tensors} tensors with {recipe.merge_method} in "
               f"{result.seconds:.1f}s -> {result.out_dir} ({_size(result.bytes)})",
               file=sys.stdout)
+    return 0
+
+
+def _adapter(recipe, args: argparse.Namespace) -> int:
+    from orchestrator.adapters import write_combined_adapter
+
+    if args.device != "cpu" or args.allow_pickle or args.shard_size != "5GB":
+        from orchestrator.errors import UserError
+
+        raise UserError("--adapter takes no --device, --allow-pickle or --shard-size (adapters are small "
+                        "and merged on cpu)")
+    result = write_combined_adapter(recipe, args.out_dir, seed=args.seed, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"combined {len(recipe.models)} adapters with {recipe.merge_method} in {result.seconds:.1f}s "
+              f"-> {result.out_dir} (LoRA adapter, {result.modules} modules, rank {result.rank})")
     return 0
 
 

@@ -88,36 +88,58 @@ class AdapterMerger:
         """Per adapter, its full update of parameter ``name``."""
         return self._deltas[name] if self.cache_deltas else self._compute(name)
 
+    def _pick(self, subset: Sequence[int] | None) -> list[int]:
+        """Indices of the adapters a merge uses (default: all, in order)."""
+        if subset is None:
+            return list(range(len(self.adapters)))
+        picked = list(subset)
+        if not picked or any(not 0 <= i < len(self.adapters) for i in picked) or len(set(picked)) < len(picked):
+            raise UserError(f"adapter subset {picked} must name distinct adapters among 0..{len(self.adapters) - 1}")
+        return picked
+
     def merged(self, method: Any, model_params: Sequence[Any], params: Any = None,
-               seed: int = 0) -> dict[str, Tensor]:
-        """The merged update of every targeted parameter (exact mode; see ``merge_deltas``)."""
+               seed: int = 0, subset: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The merged update of every targeted parameter (exact mode; see ``merge_deltas``).
+
+        ``subset``: merge only these adapters (indices), ``model_params`` being theirs; a
+        parameter no adapter of the subset targets gets a zero update.
+        """
         spec = delta_method(method)
-        models, gparams = method_params(spec, self.adapters, model_params, params)
+        picked = self._pick(subset)
+        models, gparams = method_params(spec, [self.adapters[i] for i in picked], model_params, params)
         out = {}
         for name in self.names:
             base = self.base[name].float() if spec.base != "none" else None  # unused by delta methods
-            out[name] = merge_param(spec, self.deltas(name), base, models, gparams, seed, name)
+            deltas = self.deltas(name)
+            out[name] = merge_param(spec, [deltas[i] for i in picked], base, models, gparams, seed, name)
         return out
 
-    def weighted_sum(self, weights: Sequence[float]) -> dict[str, Tensor]:
-        """``sum_i w_i delta W_i`` of every targeted parameter."""
+    def weighted_sum(self, weights: Sequence[float], subset: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """``sum_i w_i delta W_i`` of every targeted parameter (over ``subset``, default all)."""
+        picked = self._pick(subset)
+        if len(weights) != len(picked):
+            raise UserError(f"{len(picked)} adapters but {len(weights)} weights")
         out = {}
         for name in self.names:
             deltas = self.deltas(name)
-            total = deltas[0] * weights[0]
-            for d, w in zip(deltas[1:], weights[1:]):
-                total.add_(d, alpha=w)
+            total = deltas[picked[0]] * weights[0]
+            for i, w in zip(picked[1:], weights[1:]):
+                total.add_(deltas[i], alpha=w)
             out[name] = total
         return out
 
     def peft_merged(self, combination_type: str, model_params: Sequence[Any],
-                    params: Mapping[str, Any] | None = None, seed: int = 0) -> dict[str, Tensor]:
+                    params: Mapping[str, Any] | None = None, seed: int = 0,
+                    subset: Sequence[int] | None = None) -> dict[str, Tensor]:
         """The update of PEFT's ``add_weighted_adapter`` (PEFT-compatible mode)."""
-        return peft_mode(self.adapters, combination_type, model_params, params, seed,
-                         self.module_order).deltas()
+        adapters = [self.adapters[i] for i in self._pick(subset)]
+        deltas = peft_mode(adapters, combination_type, model_params, params, seed, self.module_order).deltas()
+        for name in self.names:  # parameters the subset does not target keep their base values
+            deltas.setdefault(name, torch.zeros_like(self.base[name], dtype=torch.float32))
+        return deltas
 
     def apply(self, method: Any, model_params: Sequence[Any], params: Any = None, seed: int = 0,
-              *, peft_compatible: bool = False) -> None:
+              *, peft_compatible: bool = False, subset: Sequence[int] | None = None) -> None:
         """Write ``base + merged update`` into every targeted parameter of the model.
 
         Args:
@@ -128,13 +150,15 @@ class AdapterMerger:
                 arguments of ``add_weighted_adapter`` such as ``density``, ``svd_rank``).
             seed: seed of random methods.
             peft_compatible: reproduce PEFT's factor-wise combination instead.
+            subset: merge only these adapters (indices into ``adapters``); every targeted
+                parameter is still rewritten, so a smaller subset leaves no stale update behind.
         """
         if peft_compatible:
-            merged = self.peft_merged(method, model_params, params, seed)
+            merged = self.peft_merged(method, model_params, params, seed, subset)
         elif method in ("cat", "svd"):  # exact: the weighted sum of the updates
-            merged = self.weighted_sum(model_weights(model_params))
+            merged = self.weighted_sum(model_weights(model_params), subset)
         else:
-            merged = self.merged(method, model_params, params, seed)
+            merged = self.merged(method, model_params, params, seed, subset)
         with torch.no_grad():
             for name, delta in merged.items():
                 param, base = self.params[name], self.base[name]

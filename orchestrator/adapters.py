@@ -1,0 +1,136 @@
+"""Recipes over LoRA adapters written as one combined adapter (``merge --adapter``).
+
+A recipe whose models are all PEFT LoRA adapters on one base (bare adapter folders on
+``base_model``, or ``base_model+adapter``) can be written as a single adapter instead of a
+full model. Two keys of ``parameters`` belong to this mode and are taken out before the
+method sees the rest:
+
+- ``rank``: the rank of the result for ``svd`` and for engine methods (truncated by SVD;
+  default: the sum of the adapters' largest ranks, exact for any linear combination);
+- ``peft_compatible: true``: reproduce PEFT's ``add_weighted_adapter`` for the combination
+  type named by ``merge_method`` (linear, cat, svd, ties, dare_linear, dare_ties,
+  magnitude_prune and their ``_svd`` forms); the remaining ``parameters`` are its keyword
+  arguments (``density``, ``majority_sign_method``, ``svd_rank``...).
+
+Otherwise ``merge_method`` is ``cat`` (exact, rank r1+r2+...), ``svd``, or any engine method
+that merges updates (task_arithmetic, ties, dare_*, della*, breadcrumbs*, linear), applied to
+the adapters' full updates exactly as a full-model merge of the baked models would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserError
+from orchestrator.recipe import Recipe
+
+ADAPTER_KEYS = ("rank", "peft_compatible")
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """A recipe read as a combination of adapters."""
+
+    base: str
+    adapters: tuple[str, ...]
+    method: str
+    model_params: tuple[dict[str, Any], ...]
+    params: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None
+    peft_compatible: bool = False
+
+
+def uses_adapter_keys(recipe: Recipe) -> bool:
+    """Whether ``parameters`` holds a key of adapter output (``rank``, ``peft_compatible``)."""
+    return any(k in recipe.parameters for k in ADAPTER_KEYS)
+
+
+def _plain(value: Any, where: str) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise UserError(f"{where}: a combined adapter takes plain values, got {value!r} "
+                    "(gradients and filters need a full-model merge)")
+
+
+def adapter_job(recipe: Recipe) -> AdapterJob:
+    """Check that ``recipe`` combines adapters on one base and read its settings."""
+    from orchestrator.lora import is_adapter_folder
+    from orchestrator.weights import resolve_model_path
+
+    if recipe.slices:
+        raise UserError("a combined adapter is made from models:, not slices")
+    params = {k: _plain(v, f"parameters.{k}") for k, v in recipe.parameters.items()}
+    rank, peft = params.pop("rank", None), params.pop("peft_compatible", False)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UserError(f"parameters.rank must be a positive integer, got {rank!r}")
+    if not isinstance(peft, bool):
+        raise UserError(f"parameters.peft_compatible must be true or false, got {peft!r}")
+    base = recipe.base_model
+    adapters = []
+    for i, entry in enumerate(recipe.models):
+        where = f"models[{i}] '{entry.model}'"
+        model, plus, adapter = entry.model.partition("+")
+        if plus:
+            if base is not None and model != base:
+                raise UserError(f"{where}: its model is not base_model '{base}'; a combined adapter "
+                                "needs adapters of one base")
+            base = model
+        else:
+            adapter = entry.model
+        path = resolve_model_path(adapter, recipe.source_dir)
+        if not is_adapter_folder(path):
+            raise UserError(f"{where} is not a LoRA adapter folder (no adapter_config.json); a combined "
+                            "adapter is made from adapters only")
+        adapters.append(str(path))
+    if base is None:
+        raise UserError("a combined adapter needs base_model: the model the adapters were trained on")
+    if "+" in base:
+        raise UserError(f"base_model '{base}' must be a plain model folder")
+    model_params = tuple({k: _plain(v, f"models[{i}].parameters.{k}") for k, v in e.parameters.items()}
+                         for i, e in enumerate(recipe.models))
+    return AdapterJob(base, tuple(adapters), recipe.merge_method, model_params, params, rank, peft)
+
+
+@dataclass
+class AdapterResult:
+    """What ``write_combined_adapter`` wrote."""
+
+    out_dir: Path
+    modules: int
+    rank: int
+    seconds: float
+
+
+def write_combined_adapter(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, *, seed: int = 0,
+                           overwrite: bool = False) -> AdapterResult:
+    """Combine the recipe's adapters into one PEFT adapter folder at ``out_dir``.
+
+    Everything is checked before anything is written (the adapters against the base's tensor
+    headers); the folder is staged and renamed into place, with the recipe beside the adapter
+    as ``mergekit_config.yml``.
+    """
+    from orchestrator.engine import as_recipe
+    from orchestrator.lora import combine_adapters, load_adapter, save_adapter
+    from orchestrator.weights import ModelWeights, check_output_dir, resolve_model_path, staged_output
+
+    start = time.perf_counter()
+    recipe = as_recipe(recipe)
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    job = adapter_job(recipe)
+    base_path = resolve_model_path(job.base, recipe.source_dir)
+    with ModelWeights(base_path) as base:
+        shapes = {n: base.info(n).shape for n in base.names()}
+    adapters = [load_adapter(p).for_base(shapes) for p in job.adapters]
+    combined = combine_adapters(adapters, job.method, list(job.model_params), job.params or None,
+                                seed=seed, rank=job.rank, peft_compatible=job.peft_compatible,
+                                name=out.name)
+    with staged_output(out, overwrite) as stage:
+        save_adapter(combined, stage, base_model_name_or_path=job.base, overwrite=True)
+        (stage / "mergekit_config.yml").write_text(recipe.to_yaml(), encoding="utf-8")
+    return AdapterResult(out.absolute(), len(combined.modules), combined.max_rank(),
+                         time.perf_counter() - start)
