@@ -291,7 +291,7 @@ def task_losses(base, adapters, gap, evals) -> dict:
     for label, key in (("exact sum", "exact"), ("PEFT linear", "peft")):
         models[label] = copy.deepcopy(base)
         bake(models[label], gap[key])
-    print(f"\ntoy-task loss (weights 1, 1)   " + "  ".join(f"task {i + 1}" for i in range(len(evals))))
+    print("\ntoy-task loss (weights 1, 1)   " + "  ".join(f"task {i + 1}" for i in range(len(evals))))
     for label, model in models.items():
         rows[label] = [lm_loss(model, ids) for ids in evals]
         print(f"{label:30} " + "  ".join(f"{v:6.3f}" for v in rows[label]))

@@ -14,13 +14,19 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.tiny import make_tiny_family  # noqa: E402
+from tests.tiny import make_lora_zoo, make_tiny_family  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """A base and three fine-tunes (tiny Llama, float32 safetensors): {'base', 'ft_a', 'ft_b', 'ft_c'}."""
     return make_tiny_family(tmp_path_factory.mktemp("tiny_family"))
+
+
+@pytest.fixture(scope="session")
+def lora_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama and five PEFT LoRA adapters on it: {'base', 'ad1'..'ad5'} (``tests.tiny.ADAPTERS``)."""
+    return make_lora_zoo(tmp_path_factory.mktemp("lora_zoo"))
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,12 @@ CASES = [
     Case("pickle weights without allow_pickle", ("candidates.models.knowledge={zoo}/pickle",),
          "candidates.allow_pickle=true"),
     Case("not a model folder", ("candidates.models.knowledge={zoo}/noconfig",), "not a model folder"),
+    # --- LoRA adapters as candidates
+    Case("adapter without a base", ("candidates.base=null", "candidates.models.knowledge={zoo}/adapter"),
+         "is a LoRA adapter; set candidates.base"),
+    Case("adapter of another base", ("method=adapters", "candidates.models.knowledge={zoo}/wide_adapter"),
+         "wide_adapter"),
+    Case("DoRA adapter", ("candidates.models.knowledge={zoo}/dora",), "uses DoRA"),
     # --- tasks
     Case("unknown task", ("eval.tasks=[{name: nosuch_task}]",), "unknown lm-eval task 'nosuch_task'"),
     Case("dataset not available offline", ("eval.tasks=[{name: hellaswag, metric: acc_norm}]",),
@@ -129,6 +135,20 @@ def _variants(zoo: Path) -> None:
                                  (d / "model.safetensors").unlink()))
     variant("noconfig", lambda d: (d / "config.json").unlink())
     shutil.copytree(zoo / "base", zoo / "notok")
+    _adapters(zoo)
+
+
+def _adapters(zoo: Path) -> None:
+    """A LoRA adapter on the base, a DoRA copy of it, and one made for a model of another width."""
+    from tests.tiny import make_adapter
+    from tests.tiny import make_tiny_llama
+
+    targets = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    make_adapter(zoo / "base", zoo / "adapter", seed=1, **targets)
+    shutil.copytree(zoo / "adapter", zoo / "dora")
+    config = json.loads((zoo / "dora" / "adapter_config.json").read_text())
+    (zoo / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    make_adapter(make_tiny_llama(zoo / "narrow", seed=3, hidden=16), zoo / "wide_adapter", seed=2, **targets)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (zoo / "notok" / name).unlink()
 

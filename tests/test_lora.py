@@ -27,53 +27,11 @@ from orchestrator.lora import (
     weighted_sum_deltas,
 )
 from orchestrator.lora.adapter import natural_key, pattern_value
-from tests.tiny import make_tiny_llama
+from tests.tiny import ADAPTERS, load_base, make_adapter
 
 ATOL = 1e-6  # float32 rounding on updates of size ~0.1-1
 pytestmark = [pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`"),
               pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to")]
-
-ADAPTERS = {
-    # name: LoraConfig keywords
-    "ad1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
-    "ad2": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj", "embed_tokens"]),
-    "ad3": dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
-    "ad4": dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-              rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}),
-    "ad5": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                rank_pattern={"layers.1.self_attn.q_proj": 2}),
-}
-
-
-def load_base(base: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-
-
-def make_adapter(base: Path, out: Path, seed: int, **config) -> Path:
-    """A PEFT LoRA adapter on ``base`` with random factors, saved to ``out``."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(load_base(base), LoraConfig(**config))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def lora_zoo(tmp_path_factory) -> dict[str, Path]:
-    """{'base': tiny Llama, 'ad1'..'ad5': adapter folders (see ADAPTERS)}."""
-    root = tmp_path_factory.mktemp("lora_zoo")
-    zoo = {"base": make_tiny_llama(root / "base", seed=0)}
-    for i, (name, config) in enumerate(ADAPTERS.items(), start=1):
-        zoo[name] = make_adapter(zoo["base"], root / name, seed=i, **config)
-    return zoo
-
 
 def peft_model(zoo: dict[str, Path], names: list[str]):
     """A PeftModel with the named adapters loaded under their names."""

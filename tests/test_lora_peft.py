@@ -18,12 +18,11 @@ from orchestrator.lora import (
     save_adapter,
     weighted_sum_deltas,
 )
-from tests.test_lora import (  # noqa: F401  (lora_zoo is a fixture)
+from tests.test_lora import (
     ATOL,
     assert_deltas_close,
     load_base,
     logits,
-    lora_zoo,
     peft_deltas,
     peft_model,
 )

@@ -21,7 +21,7 @@ from orchestrator.engine import merge_to_disk
 from orchestrator.errors import UserError
 from orchestrator.lora import AdapterMerger, load_adapter
 from orchestrator.recipe import Recipe
-from tests.test_lora import ATOL, load_base, lora_zoo, peft_model  # noqa: F401  (lora_zoo: fixture)
+from tests.test_lora import ATOL, load_base, peft_model
 from tests.tiny import make_tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")

@@ -151,7 +151,7 @@ def test_wilcoxon_pruner_gets_one_value_per_item(micro_zoo, tmp_path):
 @pytest.fixture(scope="module")
 def micro_adapters(micro_zoo, tmp_path_factory) -> dict[str, Path]:
     """Two PEFT LoRA adapters with small random factors on the micro zoo's base."""
-    from tests.test_lora import make_adapter
+    from tests.tiny import make_adapter
 
     root = tmp_path_factory.mktemp("micro_adapters")
     configs = {"ad_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -189,3 +189,20 @@ def test_adapter_sweep_rewrites_adapted_parameters_and_saves_the_same_merge(micr
     confirm = ResidentEvaluator(outcome.best_dir, eval_spec(cfg.eval, cfg.study.seed)).evaluate("confirm")
     assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
     assert confirm.score == pytest.approx(outcome.best.confirm, abs=1e-9)
+
+
+def test_demo_lora_best_beats_each_single_adapter(tmp_path):
+    """``experiment=demo_lora`` end to end on the committed demo zoo's LoRA experts."""
+    import io
+
+    runs = tmp_path / "runs"
+    overrides = ["experiment=demo_lora", f"runs_dir={runs}"]
+    out = io.StringIO()
+    outcome = run_sweep(load_config(overrides), overrides, out=out)
+    assert "adapter sweep: each trial rewrites the 21 adapted parameters only" in out.getvalue()
+    singles = {r.name: r.confirm for r in outcome.rows if r.name.startswith("parent:")}
+    assert set(singles) == {"parent:lora_knowledge", "parent:lora_commonsense"}
+    assert outcome.best.confirm > max(singles.values()) + 0.05, (outcome.best.confirm, singles)
+    assert all("+" in m["model"] and m["model"].startswith(str(runs / "zoo" / "base"))
+               for m in outcome.best.recipe["models"])
+    assert (outcome.best_dir / "model.safetensors").is_file()

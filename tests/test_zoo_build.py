@@ -1,4 +1,5 @@
-"""The zoo builder: layout, manifest, skip and install logic, bad input, a build from scratch."""
+"""The zoo builder: layout, LoRA adapter folders, manifest, skip and install logic, bad input,
+a build from scratch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.errors import UserError
-from orchestrator.zoo import MODEL_NAMES, default_model_paths
+from orchestrator.zoo import ADAPTER_NAMES, MODEL_NAMES, default_adapter_paths, default_model_paths
 from orchestrator.zoo.build import (COMMITTED_ZOO, MANIFEST, build_zoo, check_zoo, read_manifest,
                                     wanted)
 
@@ -30,11 +31,45 @@ def test_micro_zoo_layout_and_scores(micro_zoo):
         assert model.config.model_type == "llama" and len(tok) == model.config.vocab_size
         assert tok("Question: the\nAnswer:", add_special_tokens=False)["input_ids"][0] != tok.unk_token_id
     models = json.loads((micro_zoo / "zoo.json").read_text())["models"]
-    assert list(models) == list(MODEL_NAMES)
+    assert list(models) == [*MODEL_NAMES, *ADAPTER_NAMES]
     for scores in models.values():
         for task in ("demo_mmlu", "demo_hellaswag"):
             assert set(scores[task]) == {"acc", "acc_norm"}
             assert 0.0 <= scores[task]["acc"] <= 1.0
+
+
+def test_micro_zoo_adapters_are_portable_peft_folders(micro_zoo):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.lora import bake, is_adapter_folder, load_adapter
+    from orchestrator.zoo.train import LORA_TARGETS
+
+    files = read_manifest(micro_zoo)["files"]
+    base = micro_zoo / "base"
+    for name, path in default_adapter_paths(micro_zoo).items():
+        assert is_adapter_folder(path)
+        assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert {f"{name}/adapter_config.json", f"{name}/adapter_model.safetensors"} <= set(files)
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "../base"
+        assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 16, "LORA")
+        assert config["target_modules"] == sorted(LORA_TARGETS)
+
+        adapter = load_adapter(path)
+        layers = AutoModelForCausalLM.from_pretrained(base).config.num_hidden_layers
+        assert len(adapter.modules) == layers * len(LORA_TARGETS)
+        assert all(m.a.dtype == torch.float32 and m.scaling == 2.0 for m in adapter.modules.values())
+        assert any(m.b.abs().max() > 0 for m in adapter.modules.values())  # trained, not the zero init
+
+        # PEFT loads the folder onto the base offline; its merge equals the project's bake.
+        peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
+        peft_merged = peft_merged.merge_and_unload().state_dict()
+        baked = AutoModelForCausalLM.from_pretrained(base)
+        bake(baked, adapter.deltas())
+        for key, value in baked.state_dict().items():
+            assert torch.equal(value, peft_merged[key]), (name, key)
 
 
 def test_manifest_is_checked(micro_zoo, tmp_path):
@@ -46,6 +81,8 @@ def test_manifest_is_checked(micro_zoo, tmp_path):
     with open(copy / "knowledge" / "model.safetensors", "ab") as fh:
         fh.write(b"\0")
     assert "hashes" in check_zoo(copy, want)
+    (copy / ADAPTER_NAMES[0] / "adapter_model.safetensors").unlink()
+    assert check_zoo(copy, want) == "an adapter folder is missing"
     (copy / MANIFEST).unlink()
     assert check_zoo(copy, want) == "no manifest"
 
@@ -96,6 +133,8 @@ def test_micro_zoo_builds_from_scratch_deterministically(micro_zoo, tmp_path):
     assert check_zoo(out, wanted(0, "micro")) is None
     ours, theirs = read_manifest(out)["files"], read_manifest(micro_zoo)["files"]
     weights = [k for k in ours if k.endswith(".safetensors")]
-    assert len(weights) == len(MODEL_NAMES)
-    assert {k: ours[k] for k in weights} == {k: theirs[k] for k in weights}
+    assert len(weights) == len(MODEL_NAMES) + len(ADAPTER_NAMES)
+    # Every file but zoo.json (which records timings) is reproduced byte for byte.
+    del ours["zoo.json"], theirs["zoo.json"]
+    assert ours == theirs
     assert not list(tmp_path.glob(".zoo.tmp-*"))

@@ -1,5 +1,6 @@
-"""Acceptance of the committed demo zoo: the experts are skilled, merging them visibly helps,
-and merge methods differ. Merges go through the project's merge CLI."""
+"""Acceptance of the committed demo zoo: the experts and LoRA adapters are skilled, merging them
+visibly helps, and merge methods differ. Merges of full experts go through the project's merge
+CLI; adapters are merged into the base with PEFT (scores) and ``orchestrator.lora`` (sums)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.zoo import default_model_paths
+from orchestrator.zoo import default_adapter_paths, default_model_paths
 from orchestrator.zoo.build import COMMITTED_ZOO, zoo_scores
-from orchestrator.zoo.score import score_model
+from orchestrator.zoo.score import score_loaded, score_model
 
 CHANCE = 0.25
 OWN_TASK = {"knowledge": "demo_mmlu_nature", "knowledge2": "demo_mmlu_society",
             "commonsense": "demo_hellaswag"}
 EXPERTS = tuple(OWN_TASK)
 PATHS = default_model_paths(COMMITTED_ZOO)
+# Each adapter's skill: the task and metric of the search objective it is trained for.
+ADAPTER_SKILL = {"lora_knowledge": ("demo_mmlu", "acc"), "lora_commonsense": ("demo_hellaswag", "acc_norm")}
+ADAPTER_PATHS = default_adapter_paths(COMMITTED_ZOO)
 
 
 def mean_score(scores: dict) -> float:
@@ -27,10 +31,38 @@ def mean_score(scores: dict) -> float:
     return (scores["demo_mmlu"]["acc"] + scores["demo_hellaswag"]["acc_norm"]) / 2
 
 
+def base_model():
+    """The committed base, float32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(PATHS["base"], dtype=torch.float32).eval()
+
+
+def score_with_adapters(weights: dict) -> dict:
+    """Scores of base + sum_i w_i delta W_i of the committed adapters (``orchestrator.lora``)."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.lora import bake, load_adapter, weighted_sum_deltas
+
+    model = base_model()
+    adapters = [load_adapter(ADAPTER_PATHS[n]) for n in weights]
+    bake(model, weighted_sum_deltas(adapters, list(weights.values())))
+    return score_loaded(model, AutoTokenizer.from_pretrained(PATHS["base"]))
+
+
 @pytest.fixture(scope="module")
 def fresh_scores() -> dict:
-    """Every committed model scored afresh on the test splits."""
-    return {name: score_model(path) for name, path in PATHS.items()}
+    """Every committed model, and every adapter merged into the base by PEFT, scored afresh."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    scores = {name: score_model(path) for name, path in PATHS.items()}
+    tokenizer = AutoTokenizer.from_pretrained(PATHS["base"])
+    for name, path in ADAPTER_PATHS.items():
+        model = PeftModel.from_pretrained(base_model(), path).merge_and_unload().eval()
+        scores[name] = score_loaded(model, tokenizer)
+    return scores
 
 
 def merge(tmp_path: Path, method: str, weights: dict, *, base: bool = True, seed: int = 0,
@@ -66,6 +98,23 @@ def test_expert_beats_chance_and_base_on_its_own_task(fresh_scores, expert):
         score = fresh_scores[expert][task][metric]
         assert score >= CHANCE + 0.25, (expert, task, metric, score)
         assert score >= fresh_scores["base"][task][metric] + 0.20, (expert, task, metric, score)
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTER_SKILL))
+def test_adapter_beats_chance_and_base_on_its_task(fresh_scores, adapter):
+    task, metric = ADAPTER_SKILL[adapter]
+    score = fresh_scores[adapter][task][metric]
+    assert score >= CHANCE + 0.25, (adapter, task, metric, score)
+    assert score >= fresh_scores["base"][task][metric] + 0.20, (adapter, task, metric, score)
+
+
+def test_adapter_task_arithmetic_beats_each_adapter_on_the_mean(fresh_scores):
+    best_single = max(mean_score(fresh_scores[n]) for n in ADAPTER_SKILL)
+    means = {w: round(mean_score(score_with_adapters({n: w for n in ADAPTER_SKILL})), 4)
+             for w in (1.0, 0.7)}
+    print(json.dumps({"best_single": best_single, "task_arithmetic": means}))
+    assert min(means.values()) > best_single, means
+    assert max(means.values()) >= best_single + 0.05, means
 
 
 @pytest.mark.slow

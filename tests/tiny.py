@@ -58,3 +58,46 @@ def make_tiny_family(root: Path, **kwargs) -> dict[str, Path]:
     for i, name in enumerate(["ft_a", "ft_b", "ft_c"], start=1):
         family[name] = make_tiny_llama(root / name, seed=i, from_model=base, **kwargs)
     return family
+
+
+# LoRA adapters ---------------------------------------------------------------------------------
+
+ADAPTERS = {
+    # name: LoraConfig keywords (different ranks and alphas, rslora, patterns, an embedding target)
+    "ad1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
+    "ad2": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj", "embed_tokens"]),
+    "ad3": dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
+    "ad4": dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}),
+    "ad5": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                rank_pattern={"layers.1.self_attn.q_proj": 2}),
+}
+
+
+def load_base(base: Path):
+    """A model folder as a float32 causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def make_adapter(base: Path, out: Path, seed: int, **config) -> Path:
+    """A PEFT LoRA adapter on ``base`` with random factors (PEFT's B = 0 would be a no-op), saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_base(base), LoraConfig(**config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def make_lora_zoo(root: Path) -> dict[str, Path]:
+    """{'base': tiny Llama, 'ad1'..'ad5': adapter folders (see ADAPTERS)}."""
+    zoo = {"base": make_tiny_llama(root / "base", seed=0)}
+    for i, (name, config) in enumerate(ADAPTERS.items(), start=1):
+        zoo[name] = make_adapter(zoo["base"], root / name, seed=i, **config)
+    return zoo

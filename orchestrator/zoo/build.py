@@ -5,8 +5,9 @@
 1. the folder already holds a zoo whose manifest matches (builder version, seed, profile,
    task data) and whose file hashes check out: nothing to do;
 2. the committed ``demo_zoo/`` matches the request: copy it (seconds);
-3. otherwise train: base first, then the experts side by side in single-thread processes,
-   then score every model on every task's test split (``zoo.json``) and write the manifest.
+3. otherwise train: base first, then the full experts and the LoRA adapters side by side in
+   single-thread processes, then score every model and adapter (merged into the base) on
+   every task's test split (``zoo.json``) and write the manifest.
 
 The zoo is built in a temporary folder beside the target and renamed into place at the end, so
 an interrupted build never leaves a folder that looks valid.
@@ -25,10 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.errors import UserError
-from orchestrator.zoo import MODEL_NAMES, TASKS_DIR
+from orchestrator.zoo import ADAPTER_NAMES, MODEL_NAMES, TASKS_DIR
 from orchestrator.zoo.taskdata import data_digest, write_task_data
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: LoRA adapters lora_knowledge, lora_commonsense
 COMMITTED_ZOO = Path(__file__).resolve().parents[2] / "demo_zoo"
 MANIFEST = "manifest.json"
 SCORES = "zoo.json"
@@ -66,6 +67,9 @@ def check_zoo(root: Path, want: dict) -> str | None:
             return f"{key} is {manifest.get(key)!r}, want {value!r}"
     if any(not (root / name / "model.safetensors").is_file() for name in MODEL_NAMES):
         return "a model folder is missing"
+    if any(not (root / name / f).is_file() for name in ADAPTER_NAMES
+           for f in ("adapter_config.json", "adapter_model.safetensors")):
+        return "an adapter folder is missing"
     if file_hashes(root) != manifest.get("files"):
         return "file hashes differ from the manifest"
     return None
@@ -91,26 +95,27 @@ def one_thread():
 
 
 def _train_and_score(tmp: Path, profile: str, seed: int, workers: int, log) -> dict:
-    """Train every model into ``tmp`` and score it; returns the zoo.json content."""
-    from orchestrator.zoo.score import score_model
+    """Train every model and adapter into ``tmp`` and score it; returns the zoo.json content."""
+    from orchestrator.zoo.score import score_zoo_entry
     from orchestrator.zoo.train import train_zoo_model
 
-    experts = [n for n in MODEL_NAMES if n != "base"]
+    names = MODEL_NAMES + ADAPTER_NAMES
+    experts = [n for n in names if n != "base"]
     if workers == 0:
         with one_thread():
-            runs = [train_zoo_model(n, tmp, profile, seed) for n in MODEL_NAMES]
-            scores = [score_model(tmp / n) for n in MODEL_NAMES]
+            runs = [train_zoo_model(n, tmp, profile, seed) for n in names]
+            scores = [score_zoo_entry(tmp, n) for n in names]
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
             runs = [pool.submit(train_zoo_model, "base", tmp, profile, seed).result()]
             log(f"  base trained in {runs[0]['seconds']} s; training {', '.join(experts)}")
             jobs = [pool.submit(train_zoo_model, n, tmp, profile, seed) for n in experts]
-            base_scores = pool.submit(score_model, tmp / "base")
+            base_scores = pool.submit(score_zoo_entry, tmp, "base")
             runs += [job.result() for job in jobs]
             log("  experts trained: " + ", ".join(f"{r['name']} {r['seconds']} s" for r in runs[1:]))
-            scores = [base_scores.result(), *pool.map(score_model, [tmp / n for n in experts])]
-    return {"models": dict(zip(MODEL_NAMES, scores)), "split": "test", "seed": seed,
+            scores = [base_scores.result(), *pool.map(score_zoo_entry, [tmp] * len(experts), experts)]
+    return {"models": dict(zip(names, scores)), "split": "test", "seed": seed,
             "profile": profile, "training": {r["name"]: r for r in runs}}
 
 
@@ -206,7 +211,8 @@ def build_zoo(out: str | Path = "runs/zoo", *, seed: int = 0, micro: bool = Fals
     """Return a valid zoo at ``out``: already there, installed from ``demo_zoo/``, or trained.
 
     Args:
-        out: zoo folder (model folders ``base``, ``knowledge``, ``knowledge2``, ``commonsense``).
+        out: zoo folder (model folders ``base``, ``knowledge``, ``knowledge2``, ``commonsense``;
+            LoRA adapter folders ``lora_knowledge``, ``lora_commonsense`` of ``base``).
         seed: training seed (the world and the task data never change with it).
         micro: tiny models and little training (seconds), for tests.
         force: train even when a valid zoo or a matching committed zoo exists.
@@ -233,5 +239,5 @@ def build_zoo(out: str | Path = "runs/zoo", *, seed: int = 0, micro: bool = Fals
 
 
 def zoo_scores(root: str | Path) -> dict:
-    """``{model: {task: {metric: value}}}`` of a built zoo (from its zoo.json)."""
+    """``{model: {task: {metric: value}}}`` of a built zoo (from its zoo.json), adapters included."""
     return json.loads((Path(root) / SCORES).read_text())["models"]

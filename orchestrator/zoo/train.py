@@ -1,4 +1,5 @@
-"""Training of the zoo's models: a small Llama pretrained on the world, experts fine-tuned from it.
+"""Training of the zoo's models: a small Llama pretrained on the world, experts fine-tuned from it,
+and LoRA adapters (PEFT) trained on it with the experts' data.
 
 Every model trains in one thread (``torch.set_num_threads(1)``): on a 2-core machine two
 single-thread processes side by side are far faster than one process with two threads
@@ -7,15 +8,27 @@ single-thread processes side by side are far faster than one process with two th
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from orchestrator.zoo import MODEL_NAMES
+from orchestrator.zoo import ADAPTER_NAMES, MODEL_NAMES
+
+ALL_NAMES = MODEL_NAMES + ADAPTER_NAMES
+"""Every trained folder of a zoo; a name's index here offsets its training seed."""
+ADAPTER_DATA = {"lora_knowledge": "knowledge", "lora_commonsense": "commonsense"}
+"""Adapter -> the full expert whose training mixture it is trained on."""
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_BASE_PATH = "../base"
+"""``base_model_name_or_path`` of a saved adapter: the zoo's base, relative to the adapter folder."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,8 @@ class Profile:
 
     Attributes:
         hidden: hidden size; layers: decoder layers; heads: attention heads.
-        steps: model name -> optimizer steps; lr: model name -> peak learning rate.
+        steps: model name -> optimizer steps; lr: model name -> peak learning rate (adapters
+            included: LoRA factors need a learning rate several times the full experts').
         batch: sequences per step; warmup: linear warm-up steps (capped at a tenth of the run).
         pack: tokens per packed sequence when pretraining the base.
     """
@@ -41,11 +55,15 @@ class Profile:
 
 PROFILES = {
     "demo": Profile(hidden=96, layers=3, heads=4,
-                    steps={"base": 1500, "knowledge": 400, "knowledge2": 400, "commonsense": 200},
-                    lr={"base": 3e-3, "knowledge": 5e-4, "knowledge2": 5e-4, "commonsense": 5e-4}),
+                    steps={"base": 1500, "knowledge": 400, "knowledge2": 400, "commonsense": 200,
+                           "lora_knowledge": 400, "lora_commonsense": 200},
+                    lr={"base": 3e-3, "knowledge": 5e-4, "knowledge2": 5e-4, "commonsense": 5e-4,
+                        "lora_knowledge": 3e-3, "lora_commonsense": 3e-3}),
     "micro": Profile(hidden=32, layers=2, heads=2,
-                     steps={"base": 400, "knowledge": 80, "knowledge2": 80, "commonsense": 80},
-                     lr={"base": 1e-2, "knowledge": 3e-3, "knowledge2": 3e-3, "commonsense": 3e-3},
+                     steps={"base": 400, "knowledge": 80, "knowledge2": 80, "commonsense": 80,
+                            "lora_knowledge": 80, "lora_commonsense": 80},
+                     lr={"base": 1e-2, "knowledge": 3e-3, "knowledge2": 3e-3, "commonsense": 3e-3,
+                         "lora_knowledge": 1e-2, "lora_commonsense": 1e-2},
                      batch=16, warmup=10),
 }
 
@@ -115,9 +133,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(model, pools, *, steps: int, lr: float, batch: int, warmup: int, seed: int,
           pack: int = 0) -> float:
-    """AdamW training in place; returns the mean loss of the last 50 steps."""
+    """AdamW training in place; returns the mean loss of the last 50 steps.
+
+    Only parameters that require a gradient are optimised and clipped (a LoRA model's base
+    weights are frozen).
+    """
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     losses = []
     for step in range(steps):
@@ -126,7 +149,7 @@ def train(model, pools, *, steps: int, lr: float, batch: int, warmup: int, seed:
         loss = model(**sample_batch(pools, rng, batch, pack)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
     model.eval()
@@ -134,9 +157,10 @@ def train(model, pools, *, steps: int, lr: float, batch: int, warmup: int, seed:
 
 
 def train_zoo_model(name: str, zoo_dir: Path, profile_name: str, seed: int) -> dict:
-    """Train one zoo model and save it as ``zoo_dir/name`` (a worker-process entry point).
+    """Train one zoo model or adapter and save it as ``zoo_dir/name`` (a worker-process entry point).
 
-    The caller sets torch to one thread (the builder's workers do; see ``build.one_thread``).
+    Adapters (``ADAPTER_NAMES``) need ``zoo_dir/base``. The caller sets torch to one thread
+    (the builder's workers do; see ``build.one_thread``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -145,17 +169,54 @@ def train_zoo_model(name: str, zoo_dir: Path, profile_name: str, seed: int) -> d
 
     start = time.perf_counter()
     profile = PROFILES[profile_name]
-    model_seed = seed * 1000 + MODEL_NAMES.index(name)
+    model_seed = seed * 1000 + ALL_NAMES.index(name)
     torch.manual_seed(model_seed)
     tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "tokenizer")
     if name == "base":
         model = LlamaForCausalLM(llama_config(profile, len(tokenizer)))
     else:
         model = AutoModelForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32)
-    pools = [(w, encode(tokenizer, ex)) for w, ex in mixture(build_world(), name)]
+    if name in ADAPTER_NAMES:
+        model = lora_model(model)
+    pools = [(w, encode(tokenizer, ex)) for w, ex in mixture(build_world(), ADAPTER_DATA.get(name, name))]
     loss = train(model, pools, steps=profile.steps[name], lr=profile.lr[name],
                  batch=profile.batch, warmup=profile.warmup, seed=model_seed,
                  pack=profile.pack if name == "base" else 0)
-    model.save_pretrained(zoo_dir / name, safe_serialization=True)
-    tokenizer.save_pretrained(zoo_dir / name)
+    if name in ADAPTER_NAMES:
+        save_adapter_folder(model, zoo_dir / name)
+    else:
+        model.save_pretrained(zoo_dir / name, safe_serialization=True)
+        tokenizer.save_pretrained(zoo_dir / name)
     return {"name": name, "seconds": round(time.perf_counter() - start, 1), "final_loss": round(loss, 4)}
+
+
+def lora_model(model):
+    """``model`` wrapped by PEFT with a fresh LoRA adapter on every attention and MLP projection.
+
+    Initialisation (PEFT's default: ``lora_A`` Kaiming-uniform, ``lora_B`` zero) draws from
+    torch's global generator, so the caller's ``torch.manual_seed`` fixes it.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def save_adapter_folder(model, folder: Path) -> None:
+    """Save a PEFT model's adapter as a portable, byte-reproducible PEFT adapter folder.
+
+    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (float32) only:
+    PEFT's generated README (which names the absolute base path) is dropped, the config names
+    the base as ``../base`` and lists the target modules in a fixed order (PEFT stores them as a
+    set, whose order changes with the process's string hashing).
+    """
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "README.md").unlink(missing_ok=True)
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = ADAPTER_BASE_PATH
+    config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
