@@ -11,6 +11,7 @@ study lock that both use lives here.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import warnings
@@ -240,12 +241,69 @@ def make_sampler(cfg: SamplerConfig, grid: Mapping[str, Sequence[Any]] | None = 
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(dict(grid or {}), seed=cfg.seed)
+        check_grid(dict(grid or {}))
+        return AskTellGridSampler(dict(grid or {}), seed=cfg.seed)
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=cfg.seed, warn_independent_sampling=False)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.seed)
     raise UserError(f"unknown sampler {name!r} in study.sampler.name; valid: {', '.join(SAMPLERS)}")
+
+
+MAX_GRID_POINTS = 100_000
+
+
+def check_grid(grid: Mapping[str, Sequence[Any]]) -> None:
+    """A grid Optuna's ``GridSampler`` can enumerate: one method, a sane number of points.
+
+    ``GridSampler`` lists every combination up front; over several methods the grid would be
+    the product of all their parameters (most of them unused by any one trial), which for the
+    default five methods is ~10^8 points and tens of GB.
+    """
+    if "method" in grid:
+        raise UserError(f"study.sampler.name=grid searches one method's grid, but the study compares "
+                        f"{len(grid['method'])} methods ({', '.join(map(str, grid['method']))}); run one "
+                        "study per method (e.g. method=ties) or use another sampler")
+    size = grid_size(grid)
+    if size > MAX_GRID_POINTS:
+        raise UserError(f"study.sampler.name=grid: {size:,} grid points over {len(grid)} parameters exceed "
+                        f"{MAX_GRID_POINTS:,}; lower study.sampler.grid_points or search fewer parameters")
+
+
+def grid_size(grid: Mapping[str, Sequence[Any]]) -> int:
+    """Number of points of a grid (the product of each parameter's values)."""
+    return math.prod(len(values) for values in grid.values())
+
+
+class AskTellGridSampler(optuna.samplers.BaseSampler):
+    """Optuna's ``GridSampler`` for ask/tell loops.
+
+    ``GridSampler.after_trial`` calls ``study.stop()`` once every point was visited, which
+    raises outside ``Study.optimize``; our workers use ask/tell and stop at ``n_trials``, which
+    the sweep caps at the grid's size. Everything else is ``GridSampler``'s.
+    """
+
+    def __init__(self, grid: Mapping[str, Sequence[Any]], seed: int | None = None) -> None:
+        self.grid = optuna.samplers.GridSampler(dict(grid), seed=seed)
+        self.size = grid_size(grid)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return self.grid.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return self.grid.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        return self.grid.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.grid.before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        """No ``study.stop()``: the worker loop counts trials itself."""
+
+    def reseed_rng(self) -> None:
+        self.grid.reseed_rng()
 
 
 def make_pruner(cfg: PrunerConfig, first_rung_items: int, multi_objective: bool) -> Any:

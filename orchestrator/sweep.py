@@ -376,6 +376,7 @@ class Setup:
     url: str
     candidates: CandidatesConfig
     directions: list[str]
+    n_trials: int  # study.n_trials, capped at the grid's size for the grid sampler
     grid: dict[str, list[Any]] = field(default_factory=dict)
 
 
@@ -450,7 +451,11 @@ def prepare(cfg: SweepConfig, say: Any) -> Setup:
     say(f"study {cfg.study.name!r}: methods {', '.join(spaces)}; candidates {', '.join(names)}")
     suite = check_tasks_available(spec)  # datasets resolved before any model is loaded
     directions = ["maximize"] * (len(spec.tasks) if cfg.study.multi_objective else 1)
-    return Setup(runs_dir, spaces, sampler, pruner, spec, suite, url, candidates, directions, grid)
+    n_trials = cfg.study.n_trials
+    if getattr(sampler, "size", None) is not None and sampler.size < n_trials:
+        say(f"grid sampler: {sampler.size} grid points, so {sampler.size} trials (not {n_trials})")
+        n_trials = sampler.size
+    return Setup(runs_dir, spaces, sampler, pruner, spec, suite, url, candidates, directions, n_trials, grid)
 
 
 def join(cfg: SweepConfig, setup: Setup, overrides: list[str] | None) -> Session:
@@ -475,7 +480,7 @@ def join(cfg: SweepConfig, setup: Setup, overrides: list[str] | None) -> Session
                              "search_space.json": {k: space_as_dict(v) for k, v in setup.spaces.items()}})
         mine = cfg.study.baselines and _claim(study, "mo.baselines_by", worker_name())
         trials = study.get_trials(deepcopy=False)
-        done = counted(trials) >= cfg.study.n_trials and not running(trials)
+        done = counted(trials) >= setup.n_trials and not running(trials)
     stale.listeners.append(tracker.close_stale_trial)
     return Session(storage, study, tracker, StudyLock(setup.url, f"merge-orchestrator/study/{name}"),
                    stale, worker_name(), mine, done)
@@ -522,7 +527,7 @@ def work(cfg: SweepConfig, setup: Setup, session: Session, resident: Resident, s
                               interruptible=signals.interruptible)
         liveness = Liveness(session.storage, cfg.study.heartbeat_s, cfg.study.grace_s, session.stale,
                             session.worker)
-        worker = Worker(session.study, session.lock, liveness, signals, cfg.study.n_trials, cfg.study.timeout_s,
+        worker = Worker(session.study, session.lock, liveness, signals, setup.n_trials, cfg.study.timeout_s,
                         on_abandoned=session.tracker.sync_trial)
         worker.run(objective)
         outcome = finish(cfg, setup, session, resident, worker.ran, say)

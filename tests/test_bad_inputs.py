@@ -49,6 +49,7 @@ CASES = [
     Case("negative n_trials", ("study.n_trials=-3",), "study.n_trials must be >= 0"),
     Case("unknown sampler", ("study.sampler.name=annealing",), "unknown sampler 'annealing'"),
     Case("unknown pruner", ("study.pruner.name=hyperband",), "unknown pruner 'hyperband'"),
+    Case("grid over several methods", ("study.sampler.name=grid",), "searches one method's grid"),
     Case("heartbeat of zero", ("study.heartbeat_s=0",), "study.heartbeat_s must be"),
     Case("unwritable runs dir", ("runs_dir={case}/a_file/runs",), "cannot create runs folder"),
     # --- search spaces

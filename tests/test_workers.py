@@ -157,7 +157,7 @@ def _join_child(cfg, overrides, barrier, queue) -> None:
     runs_dir = Path(cfg.runs_dir)
     setup = Setup(runs_dir, load_spaces(cfg), make_sampler(cfg.study.sampler),
                   make_pruner(cfg.study.pruner, 10, False), None, None, storage_url(cfg.study.storage, runs_dir),
-                  cfg.candidates, ["maximize"], {})
+                  cfg.candidates, ["maximize"], cfg.study.n_trials, {})
     barrier.wait()
     session = join(cfg, setup, overrides)
     queue.put((session.tracker.parent_id, session.baselines_mine))
