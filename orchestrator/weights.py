@@ -284,7 +284,8 @@ def resolve_model_path(ref: str, source_dir: Path | None = None) -> Path:
 
     Relative paths resolve against the recipe's folder, then the working directory. A
     reference that is no local folder but looks like a Hub id (``org/name[@revision]``) is
-    downloaded with ``huggingface_hub.snapshot_download`` unless the Hub is offline.
+    downloaded with ``huggingface_hub.snapshot_download``; with the Hub offline it is taken
+    from the Hugging Face cache when it is there.
     """
     expanded = Path(os.path.expanduser(ref))
     candidates = [expanded] if expanded.is_absolute() else (
@@ -298,10 +299,24 @@ def resolve_model_path(ref: str, source_dir: Path | None = None) -> Path:
     if expanded.is_absolute() or ref.startswith(".") or not HUB_ID.match(ref):
         raise UserError(f"model '{ref}' not found: no folder at {looked}")
     if _offline():
-        raise UserError(f"model '{ref}' is not a local folder ({looked}) and the Hugging Face "
-                        "Hub is offline (HF_HUB_OFFLINE=1); download it first or set "
+        cached = _cached_snapshot(ref)
+        if cached is not None:
+            return cached
+        raise UserError(f"model '{ref}' is not a local folder ({looked}) nor in the Hugging Face "
+                        "cache, and the Hub is offline (HF_HUB_OFFLINE=1); download it first or set "
                         "HF_HUB_OFFLINE=0")
     return _download(ref)
+
+
+def _cached_snapshot(ref: str) -> Path | None:
+    """The Hugging Face cache's snapshot of a Hub id (``org/name[@revision]``), if it has one."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = ref.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or a broken cache entry): the caller says so
+        return None
 
 
 def _download(ref: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -314,3 +315,20 @@ def test_model_plus_adapter_references_parse_and_round_trip():
     r = Recipe.from_yaml("models: [{model: ' base + ad ', parameters: {weight: 1}}]\nmerge_method: linear")
     assert r.models[0].model == "base+ad" and r.referenced_models() == ["base+ad"]
     assert Recipe.from_yaml(r.to_yaml()) == r
+
+
+def test_hub_id_offline_comes_from_the_hugging_face_cache(monkeypatch, tmp_path):
+    """A model in the HF cache (the hub's own layout: refs/main -> snapshots/<commit>) resolves offline."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(constants.HF_HUB_CACHE) / "models--org--cached-tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert resolve_model_path("org/cached-tiny", tmp_path) == snapshot
+    with pytest.raises(UserError, match=r"nor in the Hugging Face cache"):
+        resolve_model_path("org/cached-tiny@v9", tmp_path)
