@@ -249,8 +249,12 @@ class Tracker:
             self.client.log_dict(run_id, json.loads(redact_text(json.dumps(value, default=str))), name)
 
     def log_figure(self, run_id: str | None, figure: Any, name: str) -> None:
+        import warnings
+
         if self.enabled and run_id:
-            self.client.log_figure(run_id, figure, name)
+            with warnings.catch_warnings():  # Optuna's plots ask for a tight layout that long labels defeat
+                warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+                self.client.log_figure(run_id, figure, name)
 
     def end_trial(self, run_id: str | None, status: str) -> None:
         """status: FINISHED (complete), KILLED (pruned or interrupted), FAILED."""
