@@ -451,7 +451,8 @@ def write_extras(plan: MergePlan, weights: Mapping[str, ModelWeights], folder: P
     files += copy_tokenizer(weights[plan.tokenizer_donor].folder, folder)
     (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml(), encoding="utf-8")
     extra = {"seed": seed} if seed is not None and plan.method.random else {}
-    hub_ids = [ref for ref, w in weights.items() if not _is_local(ref, plan.recipe, w.folder)]
+    hub_ids = list(dict.fromkeys(part for ref in weights for part in ref.split("+")
+                                 if not _is_local(part, plan.recipe)))
     card = render_model_card(plan.recipe, name, description=plan.method.description,
                              reference_url=getattr(plan.method, "reference_url", ""),
                              hub_ids=hub_ids, extra=extra)
@@ -459,14 +460,10 @@ def write_extras(plan: MergePlan, weights: Mapping[str, ModelWeights], folder: P
     return files + [RECIPE_FILE, CARD_FILE]
 
 
-def _is_local(ref: str, recipe: Recipe, folder: Path) -> bool:
-    """Whether ``ref`` named a local folder (rather than a Hub id that was downloaded)."""
+def _is_local(part: str, recipe: Recipe) -> bool:
+    """Whether a model reference (one side of ``model+adapter``) names a local folder."""
     roots = [recipe.source_dir, Path.cwd()] if recipe.source_dir else [Path.cwd()]
-    if "+" in ref or recipe.base_model and ref != recipe.base_model and (folder / "config.json").is_file() \
-            and any((root / Path(ref).expanduser() / "adapter_config.json").is_file() for root in roots):
-        # model+adapter or a bare adapter: local when every part is a local folder
-        return all(any((root / Path(part).expanduser()).is_dir() for root in roots) for part in ref.split("+"))
-    return any((root / Path(ref).expanduser()).resolve() == folder.resolve() for root in roots)
+    return any((root / Path(part).expanduser()).is_dir() for root in roots)
 
 
 # -- in memory ----------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from orchestrator.recipe import Recipe, dump_setting
 
 
 def _link(ref: str, hub_ids: Collection[str]) -> str:
-    return f"[{ref}](https://huggingface.co/{ref})" if ref in hub_ids else f"`{ref}`"
+    """A reference as Markdown: Hub ids linked; ``model+adapter`` as its two parts."""
+    return " + ".join(f"[{part}](https://huggingface.co/{part})" if part in hub_ids else f"`{part}`"
+                      for part in ref.split("+"))
 
 
 def _param_lines(recipe: Recipe) -> list[str]:
@@ -35,11 +37,12 @@ def render_model_card(recipe: Recipe, name: str, *, description: str = "", refer
         name: the model's name (the output folder's name).
         description: one line about the method (the registry's ``description``).
         reference_url: the method's paper or page (linked from its name).
-        hub_ids: references that are Hugging Face Hub ids (linked, listed as base models).
+        hub_ids: references (or sides of ``model+adapter``) that are Hugging Face Hub ids
+            (linked, listed as base models).
         extra: more facts to list (seed, dtype...).
     """
     models = [m for m in recipe.referenced_models() if m != recipe.base_model]
-    hub = [m for m in recipe.referenced_models() if m in hub_ids]
+    hub = list(dict.fromkeys(p for m in recipe.referenced_models() for p in m.split("+") if p in hub_ids))
     front = {"tags": ["merge", "mergekit", "lazymergekit", "merge-orchestrator", *hub]}
     if hub:
         front["base_model"] = hub

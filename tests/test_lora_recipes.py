@@ -221,3 +221,16 @@ def test_adapter_keys_without_the_adapter_flag_exit_2(lora_zoo, tmp_path, capsys
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     assert main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 2
     assert "pass --adapter" in capsys.readouterr().err
+
+
+def test_model_card_links_each_hub_side_of_model_plus_adapter():
+    from orchestrator.modelcard import render_model_card
+
+    recipe = Recipe.from_dict({"merge_method": "linear", "models": [
+        {"model": "org/base+org/lora", "parameters": {"weight": 1.0}},
+        {"model": "local/folder", "parameters": {"weight": 1.0}}]})
+    card = render_model_card(recipe, "out", hub_ids={"org/base", "org/lora"})
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == ["org/base", "org/lora"]
+    assert "* [org/base](https://huggingface.co/org/base) + [org/lora](https://huggingface.co/org/lora)" in card
+    assert "* `local/folder`" in card
