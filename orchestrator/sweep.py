@@ -205,7 +205,7 @@ class Resident:
             folder = folder.partition("+")[0]
         self.evaluator = ResidentEvaluator(folder, spec, tokenizer=candidates.tokenizer_source, suite=suite)
         self.adapters = self._adapter_merger(adapters) if adapters is not None else None
-        self.adapter_index = {ref: i for i, ref in enumerate(candidates.models.values())}
+        self.adapter_index = {ref: i for i, ref in enumerate(candidates.models.values())} if adapters else {}
         if self.merger is not None:
             self.merger.model = self.evaluator.model
         self.quiet = quiet
