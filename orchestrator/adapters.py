@@ -35,7 +35,8 @@ ADAPTER_KEYS = ("rank", "peft_compatible")
 class AdapterJob:
     """A recipe read as a combination of adapters."""
 
-    base: str
+    base: str  # as written (recorded as the adapter's base_model_name_or_path)
+    base_dir: Path
     adapters: tuple[str, ...]
     method: str
     model_params: tuple[dict[str, Any], ...]
@@ -58,6 +59,7 @@ def _plain(value: Any, where: str) -> Any:
 
 def adapter_job(recipe: Recipe) -> AdapterJob:
     """Check that ``recipe`` combines adapters on one base and read its settings."""
+    from orchestrator.engine import resolve_reference
     from orchestrator.lora import is_adapter_folder
     from orchestrator.weights import resolve_model_path
 
@@ -70,29 +72,29 @@ def adapter_job(recipe: Recipe) -> AdapterJob:
     if not isinstance(peft, bool):
         raise UserError(f"parameters.peft_compatible must be true or false, got {peft!r}")
     base = recipe.base_model
+    if base is not None and "+" in base:
+        raise UserError(f"base_model '{base}' must be a plain model folder")
+    base_dir = resolve_model_path(base, recipe.source_dir) if base is not None else None
     adapters = []
     for i, entry in enumerate(recipe.models):
         where = f"models[{i}] '{entry.model}'"
-        model, plus, adapter = entry.model.partition("+")
-        if plus:
-            if base is not None and model != base:
-                raise UserError(f"{where}: its model is not base_model '{base}'; a combined adapter "
-                                "needs adapters of one base")
-            base = model
-        else:
-            adapter = entry.model
-        path = resolve_model_path(adapter, recipe.source_dir)
-        if not is_adapter_folder(path):
-            raise UserError(f"{where} is not a LoRA adapter folder (no adapter_config.json); a combined "
-                            "adapter is made from adapters only")
-        adapters.append(str(path))
-    if base is None:
+        path, adapter = resolve_reference(entry.model, recipe.source_dir)
+        if adapter is None:  # a bare entry must be an adapter (on base_model)
+            if not is_adapter_folder(path):
+                raise UserError(f"{where} is not a LoRA adapter folder (no adapter_config.json); a "
+                                "combined adapter is made from adapters only")
+            adapter = path
+        elif base_dir is not None and path != base_dir:
+            raise UserError(f"{where}: its model is not base_model '{base}'; a combined adapter "
+                            "needs adapters of one base")
+        else:  # model+adapter without base_model: that model is the base
+            base, base_dir = entry.model.partition("+")[0].strip(), path
+        adapters.append(str(adapter))
+    if base is None or base_dir is None:
         raise UserError("a combined adapter needs base_model: the model the adapters were trained on")
-    if "+" in base:
-        raise UserError(f"base_model '{base}' must be a plain model folder")
     model_params = tuple({k: _plain(v, f"models[{i}].parameters.{k}") for k, v in e.parameters.items()}
                          for i, e in enumerate(recipe.models))
-    return AdapterJob(base, tuple(adapters), recipe.merge_method, model_params, params, rank, peft)
+    return AdapterJob(base, base_dir, tuple(adapters), recipe.merge_method, model_params, params, rank, peft)
 
 
 @dataclass
@@ -115,15 +117,14 @@ def write_combined_adapter(recipe: Recipe | Mapping[str, Any], out_dir: str | Pa
     """
     from orchestrator.engine import as_recipe
     from orchestrator.lora import combine_adapters, load_adapter, save_adapter
-    from orchestrator.weights import ModelWeights, check_output_dir, resolve_model_path, staged_output
+    from orchestrator.weights import ModelWeights, check_output_dir, staged_output
 
     start = time.perf_counter()
     recipe = as_recipe(recipe)
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     job = adapter_job(recipe)
-    base_path = resolve_model_path(job.base, recipe.source_dir)
-    with ModelWeights(base_path) as base:
+    with ModelWeights(job.base_dir) as base:
         shapes = {n: base.info(n).shape for n in base.names()}
     adapters = [load_adapter(p).for_base(shapes) for p in job.adapters]
     combined = combine_adapters(adapters, job.method, list(job.model_params), job.params or None,

@@ -58,8 +58,10 @@ class EvalConfig:
     """Evaluation: tasks, rung sizes (items per task), batch size, device.
 
     ``threads``: torch CPU threads of this worker (null: torch's default, one per core). Tiny
-    models on CPU run far faster with 1, above all on a busy machine; N workers on one machine
-    should share the cores (cores / N each).
+    models on CPU do best with 1. Scoring the demo test split on 2 cores beside two busy
+    processes took 6.8-9.1 s with 1 thread and 8.8-25.5 s with 2 (3 runs each, interleaved);
+    idle, the two were within noise (4.9-6.8 s). N workers on one machine should share the
+    cores (cores / N each).
     """
 
     tasks: list[TaskConfig] = field(default_factory=list)

@@ -91,35 +91,46 @@ def open_models(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Mode
     return opened
 
 
+def resolve_reference(ref: str, source_dir: Path | None = None) -> tuple[Path, Path | None]:
+    """A model reference -> ``(folder, None)``, or ``(model folder, adapter folder)`` for
+    ``model+adapter`` (checked: the model is no adapter, the adapter is one).
+
+    A plain reference may itself name an adapter folder; the caller decides what base it goes on.
+    """
+    from orchestrator.lora import is_adapter_folder
+
+    model_ref, plus, adapter_ref = ref.partition("+")
+    path = resolve_model_path(model_ref.strip(), source_dir)
+    if not plus:
+        return path, None
+    if is_adapter_folder(path):
+        raise UserError(f"model '{ref}': {path} is a LoRA adapter, not a model; "
+                        "write 'model+adapter' with the model first")
+    adapter = resolve_model_path(adapter_ref.strip(), source_dir)
+    if not is_adapter_folder(adapter):
+        raise UserError(f"model '{ref}': {adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    return path, adapter
+
+
 def open_model(ref: str, recipe: Recipe, *, allow_pickle: bool = False) -> Any:
     """The weights of one model reference of ``recipe`` (a ``ModelWeights`` or ``BakedWeights``)."""
     from orchestrator.lora import BakedWeights, is_adapter_folder, load_adapter
 
-    model_ref, plus, adapter_ref = ref.partition("+")
-    if plus:
-        model_path = resolve_model_path(model_ref, recipe.source_dir)
-        if is_adapter_folder(model_path):
-            raise UserError(f"model '{ref}': {model_path} is a LoRA adapter, not a model; "
-                            "write 'model+adapter' with the model first")
-        adapter_path = resolve_model_path(adapter_ref, recipe.source_dir)
-        if not is_adapter_folder(adapter_path):
-            raise UserError(f"model '{ref}': {adapter_path} is not a LoRA adapter folder "
-                            "(no adapter_config.json)")
-        adapter = load_adapter(adapter_path)
-        return _baked(BakedWeights, ModelWeights(model_path, allow_pickle=allow_pickle), adapter, ref)
-    path = resolve_model_path(ref, recipe.source_dir)
+    path, adapter = resolve_reference(ref, recipe.source_dir)
+    if adapter is not None:
+        return _baked(BakedWeights, ModelWeights(path, allow_pickle=allow_pickle), load_adapter(adapter), ref)
     if not is_adapter_folder(path):
         return ModelWeights(path, allow_pickle=allow_pickle)
     base = recipe.base_model
     if not base or base == ref:
         raise UserError(f"model '{ref}' is a LoRA adapter but the recipe has no base_model to apply "
                         f"it to; set base_model, or write 'MODEL+{ref}'")
-    if "+" in base or is_adapter_folder(resolve_model_path(base, recipe.source_dir)):
+    base_path, base_adapter = resolve_reference(base, recipe.source_dir)
+    if base_adapter is not None or is_adapter_folder(base_path):
         raise UserError(f"model '{ref}' is a LoRA adapter on base_model '{base}', which is not a "
                         "plain model folder; write 'MODEL+ADAPTER' for this entry")
-    adapter = load_adapter(path)
-    base_weights = ModelWeights(resolve_model_path(base, recipe.source_dir), allow_pickle=allow_pickle)
-    return _baked(BakedWeights, base_weights, adapter, ref)
+    adapter_weights = load_adapter(path)
+    return _baked(BakedWeights, ModelWeights(base_path, allow_pickle=allow_pickle), adapter_weights, ref)
 
 
 def _baked(baked_cls: Any, base: ModelWeights, adapter: Any, ref: str) -> Any:

@@ -130,15 +130,14 @@ def resolve_candidates(cand: CandidatesConfig, runs_dir: Path) -> CandidatesConf
 
     def resolve(ref: str | None, where: str, adapter_ok: bool = False) -> str | None:
         """An absolute model folder; a LoRA adapter becomes ``base+adapter`` (adapter_ok)."""
+        from orchestrator.engine import resolve_reference
         from orchestrator.lora import is_adapter_folder
-        from orchestrator.weights import is_model_folder, resolve_model_path
+        from orchestrator.weights import is_model_folder
 
         if ref is None:
             return None
-        model_ref, plus, adapter_ref = ref.partition("+")
         try:
-            path = resolve_model_path(model_ref.strip())
-            adapter = resolve_model_path(adapter_ref.strip()) if plus else None
+            path, adapter = resolve_reference(ref)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
         if adapter is None and adapter_ok and is_adapter_folder(path):
@@ -148,8 +147,6 @@ def resolve_candidates(cand: CandidatesConfig, runs_dir: Path) -> CandidatesConf
             path, adapter = Path(base), path
         if not is_model_folder(path):
             raise UserError(f"{where}: {path} is not a model folder (no config.json and weights)")
-        if adapter is not None and not is_adapter_folder(adapter):
-            raise UserError(f"{where}: {adapter} is not a LoRA adapter folder (no adapter_config.json)")
         return f"{path}+{adapter}" if adapter is not None else str(path)
 
     base = resolve(cand.base, "candidates.base")
@@ -258,9 +255,11 @@ class Resident:
 
         if self.adapters is not None:
             self._merge_adapters(recipe, seed)
+            written = [self.adapters.params[n] for n in self.adapters.names]  # the rest is the base's
         else:
             self.merger.merge_into(dict(recipe), seed=seed)
-        if not all(torch.isfinite(p).all() for p in self.evaluator.model.parameters()):
+            written = self.evaluator.model.parameters()
+        if not all(torch.isfinite(p).all() for p in written):
             raise FloatingPointError("the merge produced NaN or inf weights")
         self.evaluator.reset()
 
@@ -427,7 +426,7 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, out=sys.stdo
 def prepare(cfg: SweepConfig, say: Any) -> Setup:
     """Every check that needs no model, in order of cost; writes nothing (the zoo aside)."""
     from orchestrator.evaluate import check_tasks_available
-    from orchestrator.study import check_storage, make_pruner, make_sampler, storage_url
+    from orchestrator.study import AskTellGridSampler, check_storage, make_pruner, make_sampler, storage_url
     from orchestrator.tracking import check_tracking
 
     runs_dir = Path(cfg.runs_dir).resolve()
@@ -452,7 +451,7 @@ def prepare(cfg: SweepConfig, say: Any) -> Setup:
     suite = check_tasks_available(spec)  # datasets resolved before any model is loaded
     directions = ["maximize"] * (len(spec.tasks) if cfg.study.multi_objective else 1)
     n_trials = cfg.study.n_trials
-    if getattr(sampler, "size", None) is not None and sampler.size < n_trials:
+    if isinstance(sampler, AskTellGridSampler) and sampler.size < n_trials:
         say(f"grid sampler: {sampler.size} grid points, so {sampler.size} trials (not {n_trials})")
         n_trials = sampler.size
     return Setup(runs_dir, spaces, sampler, pruner, spec, suite, url, candidates, directions, n_trials, grid)

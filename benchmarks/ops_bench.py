@@ -1,0 +1,75 @@
+"""Side-by-side timings behind the "numpy is faster here" choices in the merge math.
+
+Each line times the two ways of doing one step on 16M float32 entries, one torch thread, best
+of several runs, and prints how many times slower the alternative we did not take is:
+
+- ``sparsify.MaskPlan.apply``: a bool mask to float, ``torch.Tensor.copy_`` vs ``np.copyto``;
+- ``sparsify._mask_plan``: ``u < density`` into a bool buffer, ``torch.lt`` vs ``np.less``;
+- ``selection.nth_equal``: ``x == value``, torch vs numpy;
+- ``selection.order_statistics``: one rank, ``torch.kthvalue`` vs ``ndarray.partition``; three
+  ranks, numpy's multi-kth partition vs one kth at a time on the shrinking tail;
+- ``consensus._replace_zeros_by_one``: ``masked_fill_(x == 0, 1)`` vs ``clamp_(min=...)``.
+
+Usage: ``python benchmarks/ops_bench.py [--log2n 24]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def best(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log2n", type=int, default=24, help="entries = 2**log2n (default 24: 16M)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n = 1 << args.log2n
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen)
+    mask, tmp = x > 0, torch.empty(n)
+    uniform, keep = torch.rand(n, generator=gen), torch.empty(n, dtype=torch.bool)
+    magnitude = x.abs()
+    value = float(x[123])
+    ranks = [n // 4, n // 2, 3 * n // 4]
+    counts = torch.randint(0, 3, (n,), generator=gen).float()
+
+    def one_kth_at_a_time() -> None:
+        array, done = magnitude.numpy().copy(), 0
+        for rank in ranks:
+            array[done:].partition(rank - done)
+            done = rank
+
+    rows = [
+        ("bool -> float: torch copy_ vs np.copyto", best(lambda: tmp.copy_(mask)),
+         best(lambda: np.copyto(tmp.numpy(), mask.numpy()))),
+        ("u < density into bool: torch.lt vs np.less", best(lambda: torch.lt(uniform, 0.5, out=keep)),
+         best(lambda: np.less(uniform.numpy(), np.float32(0.5), out=keep.numpy()))),
+        ("x == value: torch vs numpy", best(lambda: x == value), best(lambda: x.numpy() == np.float32(value))),
+        ("one rank: torch.kthvalue vs ndarray.partition", best(lambda: magnitude.kthvalue(n // 2), 3),
+         best(lambda: magnitude.numpy().copy().partition(n // 2), 3)),
+        ("three ranks: multi-kth partition vs one at a time",
+         best(lambda: magnitude.numpy().copy().partition(ranks), 3), best(one_kth_at_a_time, 3)),
+        ("zero counts -> 1: masked_fill_ vs clamp_", best(lambda: counts.clone().masked_fill_(counts == 0, 1.0)),
+         best(lambda: counts.clone().clamp_(min=1.0))),
+    ]
+    print(f"{n:,} float32 entries, 1 thread, best of 3-5 runs")
+    print(f"{'step: not taken vs taken':52} {'not taken ms':>12} {'taken ms':>9} {'ratio':>6}")
+    for name, slow, fast in rows:
+        print(f"{name:52} {slow * 1e3:12.1f} {fast * 1e3:9.1f} {slow / fast:5.1f}x")
+
+
+if __name__ == "__main__":
+    main()
