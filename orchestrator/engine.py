@@ -18,9 +18,7 @@ per page on first touch, as much as the merge arithmetic itself on a VM.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +30,6 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.merge.chunks import Workspace
-from orchestrator.merge.task_arithmetic import tensor_variant
 from orchestrator.modelcard import render_model_card
 from orchestrator.plan import (
     MergePlan,
@@ -266,22 +263,6 @@ class CachedReader(StreamReader):
         self._deltas.clear()
 
 
-@functools.lru_cache(maxsize=None)
-def _fused(fn: Callable) -> Callable | None:
-    """The method's models-in variant (task-vector methods), made once per registry entry."""
-    return tensor_variant(fn)
-
-
-@functools.lru_cache(maxsize=None)
-def _extras(fn: Callable) -> frozenset[str]:
-    """Which of the optional ``out`` / ``workspace`` keywords a merge function accepts."""
-    try:
-        names = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return frozenset()
-    return frozenset(k for k in ("out", "workspace") if k in names)
-
-
 def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int,
                    workspace: Workspace | None = None, *,
                    out: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,11 +277,9 @@ def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int,
     if not task.merge:
         return reader.raw(task.inputs[0])
     gen = make_generator(seed, task.name, reader.device) if method.random else None
-    fused = (reader.fused and method.inputs == "deltas" and task.base is not None
-             and _fused(method.fn))
-    fn = fused or method.fn
+    fused = method.fused if reader.fused and task.base is not None else None
     extra: dict[str, Any] = {}
-    accepted = _extras(fn)
+    accepted = method.keywords
     if "out" in accepted and out is not None:
         extra["out"] = out
     elif "out" in accepted and workspace is not None:
@@ -313,7 +292,7 @@ def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int,
             xs = [reader.stored(ref) for ref in task.inputs]
             merged = fused(xs, reader.stored(task.base), task.model_params, task.params, gen,
                            **extra)
-        elif method.inputs == "deltas" and task.base is not None:
+        elif method.merges_deltas and task.base is not None:
             base = reader.tensor(task.base)
             xs = [reader.delta(ref, task.base) for ref in task.inputs]
             # The method returns a new tensor (the registry contract) or `out`: add in place.

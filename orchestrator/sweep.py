@@ -79,12 +79,12 @@ def check_weights_can_normalize(space: MethodSpace) -> None:
     corners = dist.corners() if dist is not None else [fixed] if fixed is not None else [1.0]
     if any(not isinstance(v, (int, float)) or v != 0 for v in corners):
         return
+    key = space.spec.normalize_key
     defaults = {f.name: f.default for f in dataclasses.fields(space.spec.params)}
-    for key in ("normalize", "normalize_weights"):
-        if key in defaults and space.fixed.get(key, defaults[key]):
-            raise UserError(f"search space of {space.method!r}: the weights are always 0 but {key} is true, "
-                            "so they sum to zero and every trial would fail; widen the weight range "
-                            f"or set {key}: false")
+    if key is not None and space.fixed.get(key, defaults[key]):
+        raise UserError(f"search space of {space.method!r}: the weights are always 0 but {key} is true, "
+                        "so they sum to zero and every trial would fail; widen the weight range "
+                        f"or set {key}: false")
 
 
 def check_runs_dir(runs_dir: Path) -> None:
@@ -236,13 +236,16 @@ class Resident:
 
     def _merge_adapters(self, recipe: Mapping[str, Any], seed: int) -> None:
         """A recipe over ``base+adapter`` candidates, merged by the ``AdapterMerger``."""
+        from orchestrator.merge import get_method
+
         method, entries = recipe["merge_method"], recipe.get("models") or []
         gparams = dict(recipe.get("parameters") or {})
         if recipe.get("slices") or not entries:
             raise UserError("an adapter sweep merges recipes with models:, not slices")
-        if method == "linear" and gparams.get("normalize", True) is False:
-            raise UserError("an adapter sweep cannot run linear with normalize: false (it scales the "
-                            "whole model, not only the adapted parameters)")
+        spec = get_method(method)
+        if not spec.merges_updates(spec.make_params(gparams)):
+            raise UserError(f"an adapter sweep cannot run {method} with {gparams} (it scales the whole "
+                            "model, not only the adapted parameters)")
         subset, params = [], []
         for entry in entries:
             ref = entry["model"] if isinstance(entry, Mapping) else entry
@@ -409,7 +412,7 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, out=sys.stdo
 
         torch.set_num_threads(cfg.eval.threads)
     start = time.perf_counter()
-    fast = all(space.spec.inputs == "deltas" for space in setup.spaces.values())
+    fast = all(space.spec.merges_deltas for space in setup.spaces.values())
     resident = Resident(setup.candidates, setup.spec, setup.suite, cfg.study.seed, adapter_fast=fast)
     if resident.adapters is not None:
         say(f"adapter sweep: each trial rewrites the {len(resident.adapters.names)} adapted parameters only")

@@ -249,3 +249,46 @@ def test_parameter_errors_state_rule_and_value(name, where, values, message):
 def test_lambda_key_maps_to_field():
     params = REGISTRY["ties"].make_params({"lambda": 0.5})
     assert params.lambda_ == 0.5 and "lambda" in REGISTRY["ties"].global_keys()
+
+
+# -- declared capabilities: what the engine and the sweep read instead of method names --------------
+@pytest.mark.parametrize("name", METHODS)
+def test_declared_keywords_are_accepted_and_no_more(name):
+    import inspect
+
+    method = REGISTRY[name]
+    for fn in (method.fn, method.fused):
+        if fn is None:
+            continue
+        accepted = {k for k in ("out", "workspace") if k in inspect.signature(fn).parameters}
+        assert accepted == set(method.keywords), name
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if REGISTRY[n].fused is not None])
+def test_fused_variant_equals_fn_on_task_vectors_plus_base(name):
+    method = get_method(name)
+    deltas, base = make_inputs(method, (6, 5), seed=3)
+    glob, per_model = SAMPLES[name]
+    models = [method.make_model_params({**per_model, "weight": 0.3 + 0.2 * i}) for i in range(len(deltas))]
+    params = method.make_params(glob)
+
+    def gen():
+        return torch.Generator().manual_seed(5) if method.random else None
+
+    want = method.fn(deltas, base, models, params, gen()) + base
+    got = method.fused([d + base for d in deltas], base, models, params, gen())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_merges_updates_is_declared_consistently(name):
+    method = REGISTRY[name]
+    assert method.merges_deltas == (method.inputs == "deltas")
+    if method.merges_deltas:
+        assert method.merges_updates()
+    if method.updates == "when_normalized":
+        key = method.normalize_key
+        assert method.merges_updates(method.make_params({key: True}))
+        assert not method.merges_updates(method.make_params({key: False}))
+    if method.normalize_key is not None:
+        assert method.normalize_key in method.global_keys()

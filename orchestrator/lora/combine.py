@@ -28,8 +28,6 @@ from orchestrator.errors import UserError
 from orchestrator.lora.adapter import Adapter, LoraModule, natural_key
 from orchestrator.lora.save import make_config, with_config
 
-LINEAR_ON_DELTAS = ("linear",)  # "tensors" methods that commute with adding a shared base
-
 
 def delta_method(method: Any) -> Any:
     """The engine's ``MergeMethod`` for ``method`` (name or instance), if it merges updates.
@@ -44,7 +42,7 @@ def delta_method(method: Any) -> Any:
             method = get_method(method)
         except (KeyError, ValueError) as err:
             raise UserError(f"merging adapters: {err}") from None
-    if method.inputs != "deltas" and method.name not in LINEAR_ON_DELTAS:
+    if method.updates == "never":
         raise UserError(f"method {method.name} merges full tensors, not updates, so it cannot "
                         "merge adapters; use linear, task_arithmetic, ties, dare_* or della*")
     return method

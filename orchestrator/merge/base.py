@@ -60,6 +60,18 @@ class MergeMethod:
         max_models: most entries in ``xs`` (None: no limit).
         description: one line for ``--help`` and model cards.
         reference_url: the paper or page the method implements (model cards).
+        fused: the models-in variant of a task-vector method (``fused(models' tensors, base,
+            ...) -> base + merged delta``, task vectors computed a slice at a time, same bits as
+            ``fn`` on whole task vectors plus the base); None where there is none. The
+            streaming engine uses it to avoid holding any task vector.
+        keywords: optional keywords ``fn`` (and ``fused``) accept: ``out`` (a float32 tensor
+            of the output's shape to write into and return) and ``workspace`` (a
+            ``chunks.Workspace`` of scratch buffers reused across calls).
+        updates: whether the method merges adapter updates (``delta W = B A``) on their own:
+            ``always`` (task-vector methods), ``when_normalized`` (it commutes with adding a
+            shared base only when ``normalize_key`` is true) or ``never`` (full tensors).
+        normalize_key: the global parameter that divides by the sum of the weights, if any
+            (weights that always sum to zero cannot be searched with it on).
     """
 
     name: str
@@ -73,6 +85,40 @@ class MergeMethod:
     max_models: int | None = None
     description: str = ""
     reference_url: str = ""
+    fused: MergeFn | None = None
+    keywords: frozenset[str] = frozenset()
+    updates: Literal["always", "when_normalized", "never"] = "never"
+    normalize_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fused is not None and self.inputs != "deltas":
+            raise ValueError(f"method {self.name}: a fused (models-in) variant needs inputs='deltas'")
+        unknown = set(self.keywords) - {"out", "workspace"}
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown optional keywords {sorted(unknown)}")
+        if self.updates == "never" and self.inputs == "deltas":
+            raise ValueError(f"method {self.name}: a method over task vectors merges updates")
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether a recipe must name a ``base_model``."""
+        return self.base == "required"
+
+    @property
+    def merges_deltas(self) -> bool:
+        """Whether ``fn`` takes task vectors and returns the merged delta."""
+        return self.inputs == "deltas"
+
+    def merges_updates(self, params: Any = None) -> bool:
+        """Whether the method can merge adapter updates ``delta W_i`` alone, without their base.
+
+        True for task-vector methods, and for methods that commute with adding a shared base
+        (``linear`` with ``normalize``), given their global ``params`` (None: the defaults).
+        """
+        if self.updates != "when_normalized":
+            return self.updates == "always"
+        params = self.params() if params is None else params
+        return bool(getattr(params, self.normalize_key or "", False))
 
     def global_keys(self) -> tuple[str, ...]:
         """Recipe keys of the global parameters."""

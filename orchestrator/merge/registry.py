@@ -6,6 +6,7 @@ Keys, parameter names and defaults are mergekit's (0.1.5), so a mergekit recipe 
 from __future__ import annotations
 
 import difflib
+from dataclasses import fields
 from functools import partial
 
 from orchestrator.errors import UserError
@@ -24,9 +25,12 @@ def _gta(name: str, params: type, model_params: type, sparsification: str | None
     return MergeMethod(
         name=name,
         fn=partial(gta.generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
+        fused=partial(gta.merge_models, sparsification=sparsification, consensus=consensus),
+        keywords=frozenset({"out", "workspace"}), updates="always",
         params=params, model_params=model_params, base="required", inputs="deltas",
         random=sparsification in ("random", "della_magprune"), description=description,
         reference_url=reference_url,
+        normalize_key="normalize" if "normalize" in {f.name for f in fields(params)} else None,
     )
 
 
@@ -35,15 +39,18 @@ _BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/ab
 
 _METHODS = (
     MergeMethod("linear", linear, LinearParams, WeightParams, base="none",
+                keywords=frozenset({"out"}), updates="when_normalized", normalize_key="normalize",
                 description="Weighted average of the models (model soups).",
                 reference_url="https://arxiv.org/abs/2203.05482"),
     MergeMethod("slerp", slerp, SlerpParams, NoParams, base="required", min_models=1, max_models=1,
+                keywords=frozenset({"out"}),
                 description="Spherical interpolation from the base (t=0) to one other model (t=1).",
                 reference_url="https://en.wikipedia.org/wiki/Slerp"),
     MergeMethod("nuslerp", nuslerp, NuslerpParams, WeightParams, base="optional", min_models=2,
                 max_models=2,
                 description="Slerp of two models (or of their task vectors, with a base) by weight."),
     MergeMethod("multislerp", multislerp, MultislerpParams, WeightParams, base="optional",
+                normalize_key="normalize_weights",
                 description="Weighted mean of many models on the hypersphere.",
                 reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
     MergeMethod("karcher", karcher, KarcherParams, NoParams, base="optional",

@@ -19,9 +19,8 @@ https://arxiv.org/abs/2406.11617 (DELLA).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, make_dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -181,13 +180,6 @@ def merge_models(xs: Sequence[Tensor], base: Tensor, models: Sequence[DeltaParam
     """
     return _merge(TaskVectors(xs, base, workspace), models, params, generator, sparsification,
                   consensus, out=out, add_base=True)
-
-
-def tensor_variant(fn: Callable) -> Callable | None:
-    """``merge_models`` configured like ``fn``, when ``fn`` is a registry entry of this family."""
-    if isinstance(fn, partial) and fn.func is generalized_task_arithmetic and not fn.args:
-        return partial(merge_models, **fn.keywords)
-    return None
 
 
 def _merge(tv: TaskVectors, models: Sequence[DeltaParams], params: Any,
