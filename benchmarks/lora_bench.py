@@ -122,7 +122,7 @@ def full_engine(model, adapters, args, tmp: Path):
 
 def full_plain(model, adapters, args):
     """Stand-in full merge: the registry method on every parameter's in-memory task vectors."""
-    from orchestrator.engine import make_generator
+    from orchestrator.merge.seeding import make_generator
     from orchestrator.merge import get_method
 
     spec = get_method(args.method)

@@ -18,7 +18,6 @@ per page on first touch, as much as the merge arithmetic itself on a VM.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.merge.chunks import Workspace
+from orchestrator.merge.seeding import make_generator
 from orchestrator.modelcard import render_model_card
 from orchestrator.plan import (
     MergePlan,
@@ -152,17 +152,6 @@ def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path,
     from orchestrator.recipe import load_recipe
 
     return load_recipe(recipe)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from ``(seed, tensor name)``, stable across processes and platforms."""
-    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def make_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The generator for one output tensor (independent of the order tensors are merged in)."""
-    return torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
 
 
 # -- readers ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from orchestrator.errors import UserError
 from orchestrator.lora.adapter import Adapter, LoraModule, natural_key
 from orchestrator.lora.save import make_config, with_config
+from orchestrator.merge.seeding import make_generator
 
 
 def delta_method(method: Any) -> Any:
@@ -80,8 +81,6 @@ def param_generator(seed: int, name: str, device: torch.device | str = "cpu") ->
     Same seeds as a full-model merge, so random methods draw the same masks for a parameter
     whether the adapters or the baked models are merged.
     """
-    from orchestrator.engine import make_generator
-
     return make_generator(seed, name, torch.device(device))
 
 
