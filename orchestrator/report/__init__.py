@@ -1,0 +1,1 @@
+"""Reporting: comparison tables, statistics, summary, report, model card, plots."""
