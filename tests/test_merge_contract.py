@@ -36,6 +36,14 @@ SAMPLES: dict[str, tuple[dict, dict]] = {
     "della_linear": ({**SPARSE, "rescale": True}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
     "model_stock": ({"filter_wise": False}, {}),
     "passthrough": ({}, {"scale": 1.0}),
+    "sce": ({"select_topk": 0.5, "int8_mask": False}, {}),
+    "nearswap": ({"t": 0.05}, {}),
+    "arcee_fusion": ({}, {}),
+    "ram": ({"epsilon": 0.05}, {}),
+    "ramplus_tl": ({"r": 0.3, "alpha": 0.5, "epsilon": 0.05}, {}),
+    "tsv": ({"alpha": 1.0}, {}),
+    "iso_c": ({"alpha": 1.2}, {}),
+    "iso_cts": ({"common_space_fraction": 0.5, "alpha": 1.2}, {}),
 }
 # Fewest entries a method keeps from a 10-entry task vector at density 0.01 (int(0.1) == 0).
 TINY_DENSITY_KEPT = {
@@ -216,6 +224,9 @@ def test_model_count_limits_are_declared():
     assert (REGISTRY["nuslerp"].min_models, REGISTRY["nuslerp"].max_models) == (2, 2)
     assert REGISTRY["model_stock"].min_models == 2
     assert REGISTRY["passthrough"].max_models == 1
+    for name in ("nearswap", "arcee_fusion"):  # mergekit: the base and exactly one other model
+        assert (REGISTRY[name].min_models, REGISTRY[name].max_models) == (1, 1)
+        assert REGISTRY[name].base == "required"
 
 
 def test_unknown_method_is_a_user_error_with_suggestions():
@@ -238,6 +249,14 @@ def test_unknown_method_is_a_user_error_with_suggestions():
     ("linear", "global", {"normalize": "yes"}, "normalize must be true or false, got 'yes'"),
     ("karcher", "global", {"max_iter": 2.5}, "max_iter must be an integer"),
     ("ties", "global", {"lambda": "x"}, "lambda must be a number"),
+    ("sce", "global", {"select_topk": 1.5}, r"select_topk must be in \[0, 1\], got 1.5"),
+    ("nearswap", "global", {"t": -0.1}, r"t must be in \[0, inf\], got -0.1"),
+    ("nearswap", "global", {}, "t"),
+    ("ram", "global", {"epsilon": -1e-5}, r"epsilon must be in \[0, inf\]"),
+    ("ramplus_tl", "global", {"alpha": -0.2}, r"alpha must be in \[0, inf\], got -0.2"),
+    ("tsv", "global", {"alpha": float("inf")}, "alpha must be a finite number"),
+    ("iso_cts", "global", {"common_space_fraction": 1.2},
+     r"common_space_fraction must be in \[0, 1\], got 1.2"),
 ])
 def test_parameter_errors_state_rule_and_value(name, where, values, message):
     method = REGISTRY[name]

@@ -314,3 +314,112 @@ def test_model_stock_three_models_and_filter_wise():
 def test_passthrough_scale():
     close(merge("passthrough", [[1, -2, 3]], models=[{"scale": 0.5}]), [0.5, -1, 1.5])
     close(merge("passthrough", [[1, -2, 3]], models=[{}]), [1, -2, 3])
+
+
+# SCE ---------------------------------------------------------------------------------------------
+# d1 = [2, -1, 0, 1], d2 = [2, 3, -2, -1]
+#   energies mean(d^2): 6/4 = 1.5 and 18/4 = 4.5 -> weights 0.25, 0.75
+#   elected sign of d1 + d2 = [4, 2, -2, 0] -> + + - + (zero elects +)
+#   agreeing: d1 [y n n y], d2 [y y y n]
+#   merged: [(0.25*2 + 0.75*2)/1, 0.75*3/0.75, 0.75*-2/0.75, 0.25*1/0.25] = [2, 3, -2, 1]
+SCE_DELTAS = [[2, -1, 0, 1], [2, 3, -2, -1]]
+
+
+def test_sce_energy_weights_and_sign_erasure():
+    close(merge("sce", SCE_DELTAS, base=[0] * 4, models=[{}, {}]), [2, 3, -2, 1])
+
+
+def test_sce_selects_the_top_variance_entries():
+    # Variances across the two models: [0, 4, 1, 1]; 3 are non-zero, k = int(3 * 0.5) = 1 keeps
+    # entry 1 only: d1 = [0, -1, 0, 0], d2 = [0, 3, 0, 0]; the sum elects +, only d2 agrees.
+    out = merge("sce", SCE_DELTAS, base=[0] * 4, models=[{}, {}], select_topk=0.5)
+    close(out, [0, 3, 0, 0])
+    # select_topk 0 keeps nothing: the base.
+    close(merge("sce", SCE_DELTAS, base=[0] * 4, models=[{}, {}], select_topk=0.0), [0] * 4)
+
+
+def test_sce_tiny_task_vectors_get_uniform_weights():
+    # Energies 1e-8 and 5e-8 sum below mergekit's 1e-6: weights 0.5, 0.5 (not 1/6, 5/6).
+    # Signs: sum [4e-4, 0] elects + +; d1 agrees at entry 0 only.
+    out = merge("sce", [[1e-4, -1e-4], [3e-4, 1e-4]], base=[0, 0], models=[{}, {}])
+    torch.testing.assert_close(out, T([2e-4, 1e-4]), rtol=1e-6, atol=1e-12)
+
+
+# NearSwap ----------------------------------------------------------------------------------------
+
+def test_nearswap_takes_near_values_and_moves_t_towards_far_ones():
+    # t = 0.1: w = clamp(0.1 / |delta|, 0, 1) = [1, 0.5, 1, 1 (|delta| clamped to 1e-6)].
+    delta = [0.05, -0.2, 0.1, 0.0]
+    close(merge("nearswap", [delta], base=[0] * 4, models=[{}], t=0.1), [0.05, -0.1, 0.1, 0.0])
+    close(merge("nearswap", [delta], base=[0] * 4, models=[{}], t=0.0), [0.0] * 4)
+
+
+# RAM / RAM+ --------------------------------------------------------------------------------------
+# epsilon 0.5: active |d| > 0.5
+#   d1 = [1, 0.2, 2, 0,   -1]   active T F T F T
+#   d2 = [3, 0, 0.4, 0,    2]   active T F F F T
+#   d3 = [0, 0,   0, 0.1,  1]   active F F F F T
+#   count                  2 0 1 0 3
+# RAM: shared entries averaged over the active ones, unique ones kept, inactive values dropped:
+#   [(1 + 3)/2, 0, 2, 0, (-1 + 2 + 1)/3]
+RAM_DELTAS = [[1, 0.2, 2, 0, -1], [3, 0, 0.4, 0, 2], [0, 0, 0, 0.1, 1]]
+
+
+def test_ram_sums_unique_and_averages_shared_changes():
+    close(merge("ram", RAM_DELTAS, base=[0] * 5, models=[{}] * 3, epsilon=0.5),
+          [2, 0, 2, 0, 2 / 3])
+
+
+@pytest.mark.parametrize(("alpha", "boosted"), [(1.0, 3.0), (3.0, 4.0), (0.0, 2.0)])
+def test_ramplus_boosts_unique_changes_by_the_shared_ratio(alpha, boosted):
+    # d1 has 2 shared active entries (0, 4) and 1 unique (2): rho = 2; lambda = 1 + r clamp(rho,
+    # 0, alpha) with r = 0.5: alpha 1 -> 1.5, alpha 3 -> 2, alpha 0 -> 1 (plain RAM). d2 and d3
+    # have no unique entries.
+    out = merge("ramplus_tl", RAM_DELTAS, base=[0] * 5, models=[{}] * 3, epsilon=0.5, r=0.5,
+                alpha=alpha)
+    close(out, [2, 0, boosted, 0, 2 / 3])
+
+
+def test_ramplus_with_zero_epsilon_and_no_unique_entries_is_finite():
+    # Identical task vectors: every entry is shared, no model has a unique one (mergekit: 0/0).
+    out = merge("ramplus_tl", [[1, -2], [1, -2]], base=[0, 0], models=[{}, {}], epsilon=0.0)
+    close(out, [1, -2])
+
+
+# Arcee Fusion ------------------------------------------------------------------------------------
+
+def test_arcee_fusion_keeps_importance_outliers():
+    # A vector has one KL value K > 0, so importance = K |delta|; sorted |delta| = .1 .2 .3 .4 5,
+    # N - 1 = 4: q1 = [1] = .2, median = [2] = .3, q3 = [3] = .4 -> threshold K (.3 + 1.5 * .2).
+    delta = [0.1, -0.2, 0.3, -0.4, 5.0]
+    base = [1.0, 0.0, -1.0, 0.5, 0.0]
+    out = merge("arcee_fusion", [[b + d for b, d in zip(base, delta)]], base=base, models=[{}])
+    close(out, [1.0, 0.0, -1.0, 0.5, 5.0])
+
+
+def test_arcee_fusion_weighs_changes_by_their_row_kl():
+    # Row 1 moves by a constant 5: the same softmax, KL ~0, so importance ~0 and it is dropped
+    # although its changes are the largest. Row 0 has KL K > 0: importances K [.1 .2 .5 2] and
+    # ~0 four times; N - 1 = 7: q1 = [1] ~ 0, median = [3] ~ 0, q3 = [5] = .2 K -> threshold .3 K.
+    base = [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+    delta = [[0.1, -0.2, 0.5, 2.0], [5.0, 5.0, 5.0, 5.0]]
+    x = [[b + d for b, d in zip(rb, rd)] for rb, rd in zip(base, delta)]
+    out = merge("arcee_fusion", [x], base=base, models=[{}])
+    close(out, [[0.0, 1.0, 0.5, 3.0], [1.0, 0.0, 1.0, 0.0]])
+
+
+def test_arcee_fusion_quantiles_are_the_floor_index_order_statistics():
+    # Against a direct implementation of the formula (numpy sort and floor indices).
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 33, generator=g)
+    x = base + 0.05 * torch.randn(6, 33, generator=g)
+    p, q = (np.exp(v) / np.exp(v).sum(-1, keepdims=True) + 1e-8 for v in (x.double().numpy(),
+                                                                        base.double().numpy()))
+    importance = np.abs((x - base).double().numpy()) * (p * np.log(p / q)).sum(-1, keepdims=True)
+    s, last = np.sort(importance.ravel()), importance.size - 1
+    threshold = s[last // 2] + 1.5 * (s[3 * last // 4] - s[last // 4])
+    want = base + (x - base) * torch.from_numpy(importance >= threshold)
+    out = merge("arcee_fusion", [x.tolist()], base=base.tolist(), models=[{}])
+    torch.testing.assert_close(out, want.float(), rtol=0, atol=1e-6)

@@ -12,11 +12,17 @@ from functools import partial
 from orchestrator.errors import UserError
 from orchestrator.merge import task_arithmetic as gta
 from orchestrator.merge.base import MergeMethod, NoParams
+from orchestrator.merge.fusion import arcee_fusion
+from orchestrator.merge.isotropic import IsoCParams, IsoCtsParams, iso_c, iso_cts
 from orchestrator.merge.linear import LinearParams, WeightParams, linear
 from orchestrator.merge.model_stock import ModelStockParams, model_stock
+from orchestrator.merge.nearswap import NearswapParams, nearswap
 from orchestrator.merge.passthrough import ScaleParams, passthrough
+from orchestrator.merge.ram import RamParams, RamPlusParams, ram, ramplus_tl
+from orchestrator.merge.sce import SceParams, sce
 from orchestrator.merge.slerp import NuslerpParams, SlerpParams, nuslerp, slerp
 from orchestrator.merge.spherical import KarcherParams, MultislerpParams, karcher, multislerp
+from orchestrator.merge.tsv import TsvParams, tsv
 
 
 def _gta(name: str, params: type, model_params: type, sparsification: str | None, consensus: bool,
@@ -34,8 +40,17 @@ def _gta(name: str, params: type, model_params: type, sparsification: str | None
     )
 
 
+def _deltas(name: str, fn, params: type, description: str, reference_url: str, *,
+            max_models: int | None = None) -> MergeMethod:
+    """A method over task vectors without per-model parameters (base required, deterministic)."""
+    return MergeMethod(name, fn, params, NoParams, base="required", inputs="deltas",
+                       updates="always", max_models=max_models, description=description,
+                       reference_url=reference_url)
+
+
 _DARE, _TIES = "https://arxiv.org/abs/2311.03099", "https://arxiv.org/abs/2306.01708"
 _BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
+_RAM, _ISO = "https://arxiv.org/abs/2601.13572", "https://arxiv.org/abs/2502.04959"
 
 _METHODS = (
     MergeMethod("linear", linear, LinearParams, WeightParams, base="none",
@@ -79,6 +94,28 @@ _METHODS = (
                 reference_url="https://arxiv.org/abs/2403.19522"),
     MergeMethod("passthrough", passthrough, NoParams, ScaleParams, base="none", max_models=1,
                 description="Copy one model's tensor, optionally scaled (slice stacking)."),
+    # mergekit 0.1.5's other methods
+    _deltas("sce", sce, SceParams,
+            "Variance top-k select, energy-weighted merge of sign-agreeing task vectors.",
+            "https://arxiv.org/abs/2408.07990"),
+    _deltas("nearswap", nearswap, NearswapParams,
+            "Take the other model's value where it is within t of the base's.",
+            "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", max_models=1),
+    MergeMethod("arcee_fusion", arcee_fusion, NoParams, NoParams, base="required", max_models=1,
+                description="Keep the changes whose |delta| x KL importance is an outlier.",
+                reference_url="https://arcee.ai"),
+    _deltas("ram", ram, RamParams,
+            "Sum the changes only one model makes, average those several make.", _RAM),
+    _deltas("ramplus_tl", ramplus_tl, RamPlusParams,
+            "RAM with each model's unique changes boosted by its shared/unique ratio.", _RAM),
+    # data-free methods beyond mergekit
+    _deltas("tsv", tsv, TsvParams,
+            "Decorrelated top singular vectors of each task matrix (TSV-Merge).",
+            "https://arxiv.org/abs/2412.00081"),
+    _deltas("iso_c", iso_c, IsoCParams,
+            "Sum of task matrices with a flat spectrum (isotropic merging).", _ISO),
+    _deltas("iso_cts", iso_cts, IsoCtsParams,
+            "Common plus task-specific subspaces with a flat spectrum (Iso-CTS).", _ISO),
 )
 
 REGISTRY: dict[str, MergeMethod] = {m.name: m for m in _METHODS}
