@@ -69,7 +69,7 @@ class Resident:
     def __init__(self, model_dir: Path, spec, states: list[dict]) -> None:
         import torch
 
-        from orchestrator.evaluate import ResidentEvaluator
+        from orchestrator.evaluation.evaluator import ResidentEvaluator
 
         self.torch = torch
         self.setup_s, self.ev = _timed(lambda: ResidentEvaluator(model_dir, spec))
@@ -149,7 +149,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from orchestrator.evaluate import EvalSpec
+    from orchestrator.evaluation.spec import EvalSpec
 
     models = zoo_models(args.zoo)
     spec = EvalSpec.from_names(list(TASKS), rungs=(0.1, 0.3, 1.0), batch_size=args.batch_size)

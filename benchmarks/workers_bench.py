@@ -108,16 +108,18 @@ def worker_loop(url: str, n: int) -> float:
     """Seconds per trial of the orchestrator's worker loop (lock, heartbeat, stale check, cap)."""
     import optuna
 
-    from orchestrator.study import JOIN, StudyLock, make_storage, open_study, storage_kind
-    from orchestrator.workers import Liveness, Signals, StaleTrials, Worker
+    from orchestrator.study.group import StudyGroup
+    from orchestrator.study.storage import JOIN, StudyLock, make_storage, open_study, storage_kind
+    from orchestrator.study.workers import Liveness, Signals, StaleTrials, Worker
 
     stale = StaleTrials(3)
     with StudyLock(url, JOIN):
         storage = make_storage(url, 30, None, stale if storage_kind(url) != "journal" else None)
         study = open_study("loop", storage, optuna.samplers.RandomSampler(0), None, ["minimize"])
-    worker = Worker(study, StudyLock(url, "loop"), Liveness(storage, 30, None, stale, "bench"), Signals(), n)
+    group = StudyGroup("loop", study, {None: study})
+    worker = Worker(group, StudyLock(url, "loop"), Liveness(storage, 30, None, stale, "bench"), Signals(), n)
     start = time.perf_counter()
-    worker.run(_one_trial)
+    worker.run(lambda trial, method: _one_trial(trial))
     return (time.perf_counter() - start) / n
 
 

@@ -13,14 +13,19 @@ import importlib
 import os
 import sys
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, redact_text
 
 COMMANDS = {
-    "merge": "Merge models from a mergekit-style recipe into a Hugging Face model folder.",
-    "zoo": "Build (or verify) the demo zoo: tiny expert models and local benchmark tasks.",
-    "eval": "Evaluate a model folder on lm-eval tasks.",
     "sweep": "Run a merge search study (Hydra overrides as arguments).",
+    "compare": "Print the comparison of finished studies and write their report.",
+    "ui": "Serve the MLflow UI for the project's store on 127.0.0.1 and print the study's URL.",
+    "export": "Write any trial of a study as a model folder (the best by default).",
+    "merge": "Merge models from a mergekit-style recipe into a Hugging Face model folder.",
+    "eval": "Evaluate a model (folder, Hub id, model+adapter) on lm-eval tasks.",
+    "zoo": "Build (or verify) the demo zoo: tiny expert models and local benchmark tasks.",
 }
+DESCRIPTION = ("Search model merges (linear, SLERP, TIES, DARE, ...) with Optuna, score them with lm-eval, "
+               "track them in MLflow. Run `python -m orchestrator COMMAND --help` for a command's options.")
 
 OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -32,7 +37,7 @@ def set_offline_defaults() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="merge-orchestrator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = sys.argv[1] if len(sys.argv) > 1 else None
     for name, help_text in COMMANDS.items():
@@ -46,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args(sys.argv[1:])
-    module = importlib.import_module(f"orchestrator.commands.{args.command}")
     try:
+        args = build_parser().parse_args(sys.argv[1:])
+        module = importlib.import_module(f"orchestrator.commands.{args.command}")
         return int(module.run(args) or 0)
     except UserError as err:
         return _fail(str(err))
@@ -61,7 +66,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    from orchestrator.study import redact_text
-
     print(f"error: {redact_text(' '.join(message.split()))}", file=sys.stderr)
     return 2

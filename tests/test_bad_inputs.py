@@ -271,13 +271,13 @@ def test_no_tables_were_created_in_a_database_we_could_not_log_into(results):
     ("postgresql://u@h/db?password=qwerty&sslmode=require", "qwerty"),
 ])
 def test_redact_masks_passwords_in_urls_and_free_text(text, secret):
-    from orchestrator.study import redact_text
+    from orchestrator.errors import redact_text
 
     assert secret not in redact_text(text) and "***" in redact_text(text)
 
 
 def test_redact_leaves_urls_without_passwords_alone():
-    from orchestrator.study import redact_text
+    from orchestrator.errors import redact_text
 
     for text in ("sqlite:////tmp/x/optuna.db", "http://127.0.0.1:5000/a@b", "journal:///shared/s.log"):
         assert redact_text(text) == text

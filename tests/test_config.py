@@ -10,7 +10,8 @@ import pytest
 
 from orchestrator.config import CONF_DIR, SPACES_DIR, compose, load_config, to_sweep_config
 from orchestrator.errors import UserError
-from orchestrator.search import build_recipe, check_model_count, load_space, parse_space
+from orchestrator.study.candidates import Candidates, build_recipe
+from orchestrator.study.spaces import check_model_count, load_space, parse_space
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
@@ -75,7 +76,7 @@ def test_suggest_builds_a_mergekit_recipe():
     trial = optuna.trial.FixedTrial({"ties.lambda": 1.0, "ties.a.weight": 0.5, "ties.a.density": 0.3,
                                      "ties.b.weight": 1.2, "ties.b.density": 0.9})
     global_values, per_model = space.suggest(trial, ["a", "b"])
-    recipe = build_recipe("ties", global_values, per_model, {"a": "/m/a", "b": "/m/b"}, base="/m/base")
+    recipe = build_recipe("ties", global_values, per_model, Candidates({"a": "/m/a", "b": "/m/b"}, base="/m/base"))
     assert recipe == {"merge_method": "ties", "dtype": "float32", "base_model": "/m/base",
                       "models": [{"model": "/m/a", "parameters": {"weight": 0.5, "density": 0.3}},
                                  {"model": "/m/b", "parameters": {"weight": 1.2, "density": 0.9}}],
@@ -86,7 +87,7 @@ def test_slerp_gradient_and_first_candidate_as_base():
     space = load_space(SPACES_DIR / "slerp.yaml")
     trial = optuna.trial.FixedTrial({"slerp.t.0": 0.1, "slerp.t.1": 0.5, "slerp.t.2": 0.9})
     global_values, per_model = space.suggest(trial, ["a", "b"])
-    recipe = build_recipe("slerp", global_values, per_model, {"a": "/m/a", "b": "/m/b"}, base="/m/base")
+    recipe = build_recipe("slerp", global_values, per_model, Candidates({"a": "/m/a", "b": "/m/b"}, base="/m/base"))
     assert recipe["base_model"] == "/m/a" and recipe["parameters"] == {"t": [0.1, 0.5, 0.9]}
     check_model_count(space, 2)
     with pytest.raises(UserError, match="slerp"):

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import evaluate as ev_mod
+from orchestrator.evaluation import models as ev_mod
 from orchestrator.errors import UserError
-from orchestrator.evaluate import (
+from orchestrator.evaluation import (
     EvalSpec,
     ResidentEvaluator,
     TaskSpec,
     check_tasks_available,
     stratified_order,
 )
-from orchestrator.tasks import parse_split, split_indices
+from orchestrator.evaluation.tasks import parse_split, split_indices
 from tests.toy_tasks import SUBJECT_SIZES, write_toy_tasks
 
 TASKS = "toy_mmlu,toy_hellaswag"

@@ -8,7 +8,7 @@ import torch
 from orchestrator import engine
 from orchestrator.engine import InMemoryMerger, merge_to_disk
 from orchestrator.errors import UserError
-from orchestrator.recipe import Recipe
+from orchestrator.engine.recipe import Recipe
 from tests.test_mergekit_agreement import RECIPES, extended_copy
 from tests.tiny import make_tiny_family
 

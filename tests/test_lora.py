@@ -414,7 +414,7 @@ def test_merge_adapters_dispatches_exact_and_peft_modes(lora_zoo):
 
 def test_baked_weights_view_reads_like_the_merged_model(lora_zoo):
     from orchestrator.lora.view import BakedWeights
-    from orchestrator.weights import ModelWeights
+    from orchestrator.engine.weights import ModelWeights
 
     merged = peft_model(lora_zoo, ["ad2"]).merge_and_unload().state_dict()
     with BakedWeights(ModelWeights(lora_zoo["base"]), [load_adapter(lora_zoo["ad2"])]) as view:

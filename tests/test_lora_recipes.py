@@ -20,7 +20,7 @@ from orchestrator.cli import main
 from orchestrator.engine import merge_to_disk
 from orchestrator.errors import UserError
 from orchestrator.lora import AdapterMerger, load_adapter
-from orchestrator.recipe import Recipe
+from orchestrator.engine.recipe import Recipe
 from tests.test_lora import ATOL, load_base, peft_model
 from tests.tiny import make_tiny_llama
 
@@ -224,7 +224,7 @@ def test_adapter_keys_without_the_adapter_flag_exit_2(lora_zoo, tmp_path, capsys
 
 
 def test_model_card_links_each_hub_side_of_model_plus_adapter():
-    from orchestrator.modelcard import render_model_card
+    from orchestrator.engine.modelcard import render_model_card
 
     recipe = Recipe.from_dict({"merge_method": "linear", "models": [
         {"model": "org/base+org/lora", "parameters": {"weight": 1.0}},

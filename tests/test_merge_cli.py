@@ -13,11 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from orchestrator import engine
+from orchestrator.engine import streaming
 from orchestrator.cli import main
 from orchestrator.engine import StreamReader, compute_tensor, open_models
-from orchestrator.plan import build_plan
-from orchestrator.recipe import Recipe
+from orchestrator.engine.plan import build_plan
+from orchestrator.engine.recipe import Recipe
 from tests.test_mergekit_agreement import extended_copy
 from tests.tiny import make_tiny_family, make_tiny_llama
 
@@ -129,7 +129,7 @@ def test_overwrite(tiny_family, tmp_path, monkeypatch, capsys):
 
 def test_failure_mid_merge_leaves_nothing(tiny_family, tmp_path, monkeypatch):
     calls = []
-    real = engine.compute_tensor
+    real = streaming.compute_tensor
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -137,7 +137,7 @@ def test_failure_mid_merge_leaves_nothing(tiny_family, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "compute_tensor", flaky)
+    monkeypatch.setattr(streaming, "compute_tensor", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         _run(tmp_path, _linear(tiny_family), monkeypatch=monkeypatch)
     assert _no_leftovers(tmp_path, tmp_path / "out")

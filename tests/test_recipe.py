@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator.engine import open_models
 from orchestrator.errors import UserError
-from orchestrator.plan import build_plan, check_recipe
-from orchestrator.recipe import (
+from orchestrator.engine.plan import build_plan, check_recipe
+from orchestrator.engine.recipe import (
     MISSING,
     Conditional,
     Recipe,
@@ -18,7 +18,7 @@ from orchestrator.recipe import (
     evaluate_value,
     load_recipe,
 )
-from orchestrator.weights import resolve_model_path
+from orchestrator.engine.weights import resolve_model_path
 
 GRADIENT_FILTER_YAML = """
 models:

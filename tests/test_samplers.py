@@ -12,13 +12,12 @@ import optuna
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.objective import Objective
-from orchestrator.plan import check_recipe
-from orchestrator.recipe import Recipe
-from orchestrator.study import make_sampler
-from orchestrator.sweep import load_spaces
-
-SAMPLERS = ("tpe", "cmaes", "random", "grid", "qmc", "nsga2")
+from orchestrator.engine.plan import check_recipe
+from orchestrator.engine.recipe import Recipe
+from orchestrator.study.candidates import Candidates, recipe_builder
+from orchestrator.study.objective import Objective
+from orchestrator.study.samplers import SAMPLERS, make_sampler
+from orchestrator.sweep.setup import load_spaces
 
 
 def landscape(recipe: dict) -> float:
@@ -31,17 +30,25 @@ def landscape(recipe: dict) -> float:
 
 
 def run(name: str, n: int, *extra: str) -> list[tuple[str, dict]]:
-    one_method = name == "grid" and not any(e.startswith("method=") for e in extra)
-    methods = ("method=ties",) if one_method else ()  # a grid is one method's (see below)
+    """``n`` trials of one sampler choosing among the debug experiment's methods (one Optuna study).
+
+    Samplers that model only the parameters every trial shares (and grids) get one method.
+    """
+    entry = SAMPLERS[name]
+    one_method = not entry.conditional and not any(e.startswith("method=") for e in extra)
+    methods = ("method=ties",) if one_method else ()
     cfg = load_config(["experiment=debug", f"study.sampler.name={name}", "study.sampler.n_startup_trials=3",
                        *methods, *extra])
     spaces = load_spaces(cfg)
     models = list(cfg.candidates.models)
-    grid = {k: v for s in spaces.values() for k, v in s.param_grid(models, cfg.study.sampler.grid_points).items()}
+    points = getattr(cfg.study.sampler.params, "grid_points", 3)
+    grid = {k: v for s in spaces.values() for k, v in s.param_grid(models, points).items()}
     if len(spaces) > 1:
         grid["method"] = list(spaces)
     study = optuna.create_study(sampler=make_sampler(cfg.study.sampler, grid), direction="maximize")
-    objective = Objective(spaces, None, None, cfg.candidates, seed=0, multi_objective=False, wilcoxon=False)
+    c = cfg.candidates
+    objective = Objective(spaces, None, recipe_builder(Candidates(dict(c.models), c.base, c.dtype)), seed=0, n_rungs=1,
+                          model_names=models)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -79,7 +86,7 @@ def test_cmaes_approaches_the_optimum_of_a_smooth_landscape():
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (("method=compare",), "compares 5 methods"),  # the default compare: ~10^8 points would exhaust memory
+    (("method=compare",), "choose among 5 methods"),  # one grid over 5 methods: ~10^8 points, no memory
     (("method=ties", "study.sampler.grid_points=11"), "grid points over 5 parameters exceed"),
 ])
 def test_grid_that_cannot_be_enumerated_is_refused_in_one_line(extra, needle):
@@ -95,7 +102,7 @@ def test_grid_sweep_runs_each_grid_point_once_and_stops(micro_zoo, tmp_path):
     """A real sweep: n_trials is capped at the grid's 9 points, and the exhausted grid ends cleanly."""
     import io
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.run import run_sweep
 
     overrides = ["experiment=debug", f"runs_dir={tmp_path}", "candidates.zoo=null",
                  f"candidates.base={micro_zoo / 'base'}", f"candidates.models.knowledge={micro_zoo / 'knowledge'}",

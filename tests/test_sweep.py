@@ -11,7 +11,8 @@ import optuna
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.sweep import run_sweep
+from orchestrator.study import records
+from orchestrator.sweep.run import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +64,14 @@ def test_trials_are_in_optuna_and_mlflow(first_sweep):
 
 
 def test_best_folder_loads_and_reproduces_its_score(first_sweep):
-    from orchestrator.evaluate import ResidentEvaluator
-    from orchestrator.sweep import eval_spec
+    from orchestrator.evaluation import ResidentEvaluator
+    from orchestrator.sweep.setup import eval_spec
 
     runs, outcome = first_sweep
     assert outcome.best_dir == runs / "debug" / "best"
     scores = json.loads((outcome.best_dir / "scores.json").read_text())
     cfg = load_config(["experiment=debug"])
-    fresh = ResidentEvaluator(outcome.best_dir, eval_spec(cfg.eval, cfg.study.seed))
+    fresh = ResidentEvaluator(outcome.best_dir, eval_spec(cfg))
     confirm = fresh.evaluate("confirm")
     assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
     assert (outcome.best_dir / "mergekit_config.yml").is_file()
@@ -99,7 +100,7 @@ def test_same_study_name_resumes_and_pruning_happens(first_sweep, micro_zoo):
 
 
 def test_failing_trials_do_not_stop_the_study(micro_zoo, tmp_path, monkeypatch):
-    from orchestrator.sweep import Resident
+    from orchestrator.study.resident import Resident
 
     merge = Resident.merge
 
@@ -114,7 +115,7 @@ def test_failing_trials_do_not_stop_the_study(micro_zoo, tmp_path, monkeypatch):
     outcome = run_sweep(cfg, overrides)
     study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert failed and all("fail_reason" in t.user_attrs for t in failed)
+    assert failed and all(records.load(t).reason for t in failed)
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert len(study.trials) == 6  # failed trials count toward n_trials (they are not retried)
     assert outcome.best is not None and outcome.best.method == "task_arithmetic"
@@ -142,7 +143,7 @@ def test_wilcoxon_pruner_gets_one_value_per_item(micro_zoo, tmp_path):
     assert complete
     first = complete[0]
     # Steps are stable item ids, one per item of the search split actually evaluated.
-    assert len(first.intermediate_values) == first.user_attrs["n_items"]
+    assert len(first.intermediate_values) == records.load(first).items_evaluated
     assert set(first.intermediate_values.values()) <= {0.0, 1.0}
     for t in study.trials[1:]:
         assert set(t.intermediate_values) <= set(first.intermediate_values)
@@ -165,8 +166,8 @@ def test_adapter_sweep_rewrites_adapted_parameters_and_saves_the_same_merge(micr
     """LoRA candidates: trials run on the AdapterMerger; the best folder is the engine's merge."""
     import io
 
-    from orchestrator.evaluate import ResidentEvaluator
-    from orchestrator.sweep import eval_spec
+    from orchestrator.evaluation import ResidentEvaluator
+    from orchestrator.sweep.setup import eval_spec
 
     runs = tmp_path / "runs"
     overrides = ["experiment=debug", f"runs_dir={runs}", "candidates.zoo=null", f"candidates.base={micro_zoo / 'base'}",
@@ -186,7 +187,7 @@ def test_adapter_sweep_rewrites_adapted_parameters_and_saves_the_same_merge(micr
     # The saved best (engine over base+adapter, on disk) scores what the resident merge scored.
     scores = json.loads((outcome.best_dir / "scores.json").read_text())
     cfg = load_config(overrides)
-    confirm = ResidentEvaluator(outcome.best_dir, eval_spec(cfg.eval, cfg.study.seed)).evaluate("confirm")
+    confirm = ResidentEvaluator(outcome.best_dir, eval_spec(cfg)).evaluate("confirm")
     assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
     assert confirm.score == pytest.approx(outcome.best.confirm, abs=1e-9)
 

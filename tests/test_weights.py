@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import UserError
-from orchestrator.weights import (
+from orchestrator.engine.weights import (
     SAFE_INDEX,
     ModelWeights,
     ShardedWriter,

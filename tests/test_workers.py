@@ -29,7 +29,7 @@ PASSWORD = "Pw-7f3kq9ZxTq"
 SMALL_EVAL = ("eval.rungs=[10,30]", "eval.threads=1",
               "eval.tasks=[{name: demo_mmlu, metric: acc, search_split: validation, confirm_split: 'test[:15%]'}, "
               "{name: demo_hellaswag, metric: acc_norm, search_split: validation, confirm_split: 'test[:15%]'}]")
-STATUS = {"COMPLETE": {"FINISHED"}, "PRUNED": {"KILLED"}, "FAIL": {"FAILED", "KILLED"}}
+STATUS = {"COMPLETE": {"FINISHED"}, "PRUNED": {"FINISHED"}, "FAIL": {"FAILED", "KILLED"}}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def cluster():
 
 
 def sweep_args(micro_zoo: Path, runs: Path, *extra: str) -> list[str]:
-    return ["experiment=debug", f"runs_dir={runs}", "candidates.zoo=null",
+    """The debug experiment with one sampler choosing the method (one Optuna study, ``debug``)."""
+    return ["experiment=debug", f"runs_dir={runs}", "candidates.zoo=null", "study.compare=free",
             f"candidates.base={micro_zoo / 'base'}", f"candidates.models.knowledge={micro_zoo / 'knowledge'}",
             f"candidates.models.commonsense={micro_zoo / 'commonsense'}", *SMALL_EVAL, *extra]
 
@@ -99,9 +100,15 @@ def mid_trial(url: str, name: str, after: int):
 
 
 def counted(trials: list[Any]) -> int:
-    from orchestrator.workers import counted as count
+    from orchestrator.study.group import counted as count
 
     return count(trials)
+
+
+def record(trial: Any) -> Any:
+    from orchestrator.study import records
+
+    return records.load(trial)
 
 
 def mlflow_runs(uri: str, experiment: str = "merge-orchestrator") -> list[Any]:
@@ -119,10 +126,11 @@ def check_mlflow_matches(trials: list[Any], runs: list[Any]) -> Any:
     children = [r for r in runs if r.data.tags.get("mo.kind") == "trial"]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     numbers = [int(r.data.tags["mo.trial"]) for r in children]
-    assert sorted(numbers) == sorted(t.number for t in trials), "MLflow child runs != Optuna trials"
+    assert sorted(numbers) == sorted(record(t).number for t in trials), "MLflow child runs != Optuna trials"
     status = {int(r.data.tags["mo.trial"]): r.info.status for r in children}
     for t in trials:
-        assert status[t.number] in STATUS[t.state.name], (t.number, t.state.name, status[t.number])
+        n = record(t).number
+        assert status[n] in STATUS[t.state.name], (n, t.state.name, status[n])
     return parents[0]
 
 
@@ -151,13 +159,16 @@ def assert_no_password(uri: str, texts: list[str], tmp: Path) -> None:
 
 
 def _join_child(cfg, overrides, barrier, queue) -> None:
-    from orchestrator.sweep import Setup, join, load_spaces
-    from orchestrator.study import make_pruner, make_sampler, storage_url
+    from orchestrator.study.candidates import Candidates
+    from orchestrator.study.storage import storage_url
+    from orchestrator.sweep.session import join
+    from orchestrator.sweep.setup import Setup, load_spaces
 
     runs_dir = Path(cfg.runs_dir)
-    setup = Setup(runs_dir, load_spaces(cfg), make_sampler(cfg.study.sampler),
-                  make_pruner(cfg.study.pruner, 10, False), None, None, storage_url(cfg.study.storage, runs_dir),
-                  cfg.candidates, ["maximize"], cfg.study.n_trials, {})
+    c = cfg.candidates
+    setup = Setup(runs_dir, load_spaces(cfg), None, None, storage_url(cfg.study.storage, runs_dir),
+                  Candidates(dict(c.models), c.base), ["maximize"], cfg.study.n_trials, [None], first_rung=10,
+                  fingerprint={"test": 1})
     barrier.wait()
     session = join(cfg, setup, overrides)
     queue.put((session.tracker.parent_id, session.baselines_mine))
@@ -191,7 +202,7 @@ def test_workers_starting_together_on_fresh_stores_make_one_study_and_one_parent
     assert len(optuna.get_all_study_summaries(storage_of(url))) == 1
     study = optuna.load_study(study_name="debug", storage=storage_of(url))
     assert study.user_attrs["mo.joins"] == 3  # each worker samples with its own seed
-    assert len(trials_of(url, "debug")) == 1  # the uniform average, enqueued once
+    assert study.user_attrs["mo.fingerprint"] == {"test": 1}  # written once, by the first
     assert len([r for r in mlflow_runs(uri) if r.data.tags.get("mo.kind") == "study"]) == 1
 
 
@@ -199,8 +210,9 @@ def test_workers_starting_together_on_fresh_stores_make_one_study_and_one_parent
 
 
 def _loop_child(url: str, slow_trial: int) -> None:
-    from orchestrator.study import StudyLock, make_storage, open_study
-    from orchestrator.workers import Liveness, Signals, StaleTrials, Worker
+    from orchestrator.study.group import StudyGroup
+    from orchestrator.study.storage import StudyLock, make_storage, open_study
+    from orchestrator.study.workers import Liveness, Signals, StaleTrials, Worker
 
     stale = StaleTrials(3)
     storage = make_storage(url, 1, 3, stale if not url.startswith("journal") else None)
@@ -208,24 +220,27 @@ def _loop_child(url: str, slow_trial: int) -> None:
     signals = Signals()
     signals.install()
 
-    def objective(trial):
+    def objective(trial, method):
         x = trial.suggest_float("x", 0, 1)
         if trial.number == slow_trial:
             with signals.interruptible():  # compute: where SIGTERM may cut in
                 time.sleep(120)
         return x
-    Worker(study, StudyLock(url, "loop"), Liveness(storage, 1, 3, stale, "child"), signals, 6).run(objective)
+    group = StudyGroup("loop", study, {None: study})
+    Worker(group, StudyLock(url, "loop"), Liveness(storage, 1, 3, stale, "child"), signals, 6).run(objective)
 
 
 def _run_loop(url: str, n: int) -> Any:
-    from orchestrator.study import StudyLock, make_storage, open_study
-    from orchestrator.workers import Liveness, Signals, StaleTrials, Worker
+    from orchestrator.study.group import StudyGroup
+    from orchestrator.study.storage import StudyLock, make_storage, open_study
+    from orchestrator.study.workers import Liveness, Signals, StaleTrials, Worker
 
     stale = StaleTrials(3)
     storage = make_storage(url, 1, 3, stale if not url.startswith("journal") else None)
     study = open_study("loop", storage, optuna.samplers.RandomSampler(seed=2), None, ["maximize"])
-    Worker(study, StudyLock(url, "loop"), Liveness(storage, 1, 3, stale, "parent"), Signals(), n).run(
-        lambda trial: trial.suggest_float("x", 0, 1))
+    group = StudyGroup("loop", study, {None: study})
+    Worker(group, StudyLock(url, "loop"), Liveness(storage, 1, 3, stale, "parent"), Signals(), n).run(
+        lambda trial, method: trial.suggest_float("x", 0, 1))
     return study.get_trials()
 
 
@@ -299,10 +314,9 @@ def test_two_workers_share_one_study_and_one_parent_run(cluster, mlflow_server, 
     texts = [finish(proc, log) for proc, log in procs]
     trials = trials_of(url, "debug")
     assert len(trials) == 20 and counted(trials) == 20
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), \
-        [t.user_attrs.get("fail_reason") for t in trials]
-    assert len({t.number for t in trials}) == 20
-    workers = {t.user_attrs.get("worker") for t in trials if "worker" in t.user_attrs}
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), [record(t).reason for t in trials]
+    assert len({record(t).number for t in trials}) == 20
+    workers = {record(t).worker for t in trials if record(t).worker}
     assert len(workers) == 2, workers  # both pulled trials
     runs = mlflow_runs(mlflow_server)
     parent = check_mlflow_matches(trials, runs)
@@ -348,7 +362,7 @@ def test_sigterm_then_sigkill_then_restart_loses_nothing(cluster, micro_zoo, tmp
     # 1. SIGTERM mid-trial: the trial ends FAIL (interrupted), is queued again; its run, the parent: KILLED.
     texts, termed = interrupt_mid_trial(args, url, tmp_path / "a", signal.SIGTERM, 2)
     assert "interrupted (SIGTERM)" in texts[-1]
-    assert termed.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
+    assert record(termed).reason == "interrupted (SIGTERM)"
     trials = trials_of(url, "debug")
     waiting = [t for t in trials if t.state.name == "WAITING"]
     assert len(waiting) == 1 and waiting[0].params == termed.params
@@ -380,17 +394,21 @@ def test_sigterm_then_sigkill_then_restart_loses_nothing(cluster, micro_zoo, tmp
 
 def test_a_stale_trials_finished_run_is_marked_failed(tmp_path):
     """A worker killed after closing its run FINISHED but before ``tell``: the value is lost, the run FAILED."""
-    from orchestrator.config import TrackingConfig
-    from orchestrator.tracking import Tracker
+    from orchestrator.study import records
+    from orchestrator.study.records import State, TrialRecord
+    from orchestrator.tracking.runs import Tracker
 
-    tracker = Tracker(TrackingConfig(experiment="stale"), tmp_path)
+    tracker = Tracker(None, "stale", tmp_path)
     tracker.start_study("stale", {}, {})
-    closed, running = tracker.start_trial(0, {"x": 0.5}), tracker.start_trial(1, {"x": 0.7})
-    tracker.end_trial(closed, "FINISHED")
+    for n, x in ((0, 0.5), (1, 0.7)):
+        tracker.trial_started(TrialRecord(n, "linear", State.RUNNING, {"x": x}))
+    closed, running = tracker._runs[0], tracker._runs[1]
+    tracker.trial_finished(TrialRecord(0, "linear", State.COMPLETE, {"x": 0.5}, values=(0.5,)))
     study = optuna.create_study()
-    for x in (0.5, 0.7):
+    for n, x in ((0, 0.5), (1, 0.7)):
         study.enqueue_trial({"x": x})
         trial = study.ask()
+        records.set_number(trial, n)
         trial.suggest_float("x", 0, 1)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     for trial in study.get_trials():

@@ -28,10 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge, then print a one-line summary (tensors, seconds, output size)."""
-    from orchestrator.adapters import uses_adapter_keys
-    from orchestrator.engine import merge_to_disk
+    from orchestrator.engine.adapter_output import uses_adapter_keys
+    from orchestrator.engine.streaming import merge_to_disk
     from orchestrator.errors import UserError
-    from orchestrator.recipe import load_recipe
+    from orchestrator.engine.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.adapter:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _adapter(recipe, args: argparse.Namespace) -> int:
-    from orchestrator.adapters import write_combined_adapter
+    from orchestrator.engine.adapter_output import write_combined_adapter
 
     if args.device != "cpu" or args.allow_pickle or args.shard_size != "5GB":
         from orchestrator.errors import UserError

@@ -8,6 +8,11 @@ study. SIGINT/SIGTERM abandon the running trial (it is queued again for a restar
 from __future__ import annotations
 
 import argparse
+import sys
+
+from orchestrator.errors import UserError
+
+MULTIRUN = ("-m", "--multirun")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Hydra overrides, e.g. method=ties study.n_trials=50 eval=mmlu_hellaswag")
     parser.add_argument("--config-dir", default=None, help="folder holding config.yaml (default: conf/)")
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    if any(arg in MULTIRUN for arg in sys.argv[2:]):
+        raise UserError("sweep has no Hydra multirun (-m): one study already searches the methods and their "
+                        "parameters; start one sweep per setting (e.g. a different study.name each), or several "
+                        "workers on one study (README, 'Many workers, one study')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,9 +32,8 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from orchestrator.config import load_config
-    from orchestrator.sweep import run_sweep
-
-    from orchestrator.study import redact_text
+    from orchestrator.errors import redact_text
+    from orchestrator.sweep.run import run_sweep
 
     cfg = load_config(args.overrides, args.config_dir)
     if args.cfg:
@@ -34,23 +42,10 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     outcome = run_sweep(cfg, args.overrides)
     if outcome.best_dir is not None:
-        print(f"best merge: {outcome.best_dir}")
-    if outcome.final and cfg.tracking.enabled:
-        print(f"MLflow UI: {ui_command(cfg)}")
+        print(f"best merge: {outcome.best_dir}" + (f" (registered as {outcome.registered})" if outcome.registered else ""))
+    if outcome.ui:
+        print(outcome.ui)
     return 0
-
-
-def ui_command(cfg) -> str:
-    """The command that shows this study's runs, bound to the loopback interface only."""
-    from pathlib import Path
-
-    from orchestrator.study import redact_text
-
-    uri = cfg.tracking.uri
-    if uri and uri.startswith(("http://", "https://")):
-        return f"open {uri} (the tracking server's UI)"
-    uri = uri or f"sqlite:///{(Path(cfg.runs_dir) / 'mlflow.db').resolve()}"
-    return f"mlflow ui --backend-store-uri {redact_text(uri)} --host 127.0.0.1 --port 5000"
 
 
 def quiet_libraries() -> None:

@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.engine.sources import as_recipe, resolve_reference
+from orchestrator.engine.recipe import Recipe
+from orchestrator.engine.weights import ModelWeights, check_output_dir, resolve_model_path, staged_output
 from orchestrator.errors import UserError
-from orchestrator.recipe import Recipe
+from orchestrator.lora import combine_adapters, is_adapter_folder, load_adapter, save_adapter
 
 ADAPTER_KEYS = ("rank", "peft_compatible")
 
@@ -59,10 +62,6 @@ def _plain(value: Any, where: str) -> Any:
 
 def adapter_job(recipe: Recipe) -> AdapterJob:
     """Check that ``recipe`` combines adapters on one base and read its settings."""
-    from orchestrator.engine import resolve_reference
-    from orchestrator.lora import is_adapter_folder
-    from orchestrator.weights import resolve_model_path
-
     if recipe.slices:
         raise UserError("a combined adapter is made from models:, not slices")
     params = {k: _plain(v, f"parameters.{k}") for k, v in recipe.parameters.items()}
@@ -115,10 +114,6 @@ def write_combined_adapter(recipe: Recipe | Mapping[str, Any], out_dir: str | Pa
     headers); the folder is staged and renamed into place, with the recipe beside the adapter
     as ``mergekit_config.yml``.
     """
-    from orchestrator.engine import as_recipe
-    from orchestrator.lora import combine_adapters, load_adapter, save_adapter
-    from orchestrator.weights import ModelWeights, check_output_dir, staged_output
-
     start = time.perf_counter()
     recipe = as_recipe(recipe)
     out = Path(out_dir)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.recipe import Recipe, dump_setting
+from orchestrator.engine.recipe import Recipe, dump_setting
 
 
 def _link(ref: str, hub_ids: Collection[str]) -> str:
@@ -29,17 +29,19 @@ def _param_lines(recipe: Recipe) -> list[str]:
 
 
 def render_model_card(recipe: Recipe, name: str, *, description: str = "", reference_url: str = "",
-                      hub_ids: Collection[str] = (), extra: Mapping[str, Any] | None = None) -> str:
+                      hub_ids: Collection[str] = (), extra: Mapping[str, Any] | None = None,
+                      path: str | None = None) -> str:
     """Markdown card: front matter, models, method, parameters and the recipe YAML.
 
     Args:
         recipe: the merge.
-        name: the model's name (the output folder's name).
+        name: the model's name (the card's title).
         description: one line about the method (the registry's ``description``).
         reference_url: the method's paper or page (linked from its name).
         hub_ids: references (or sides of ``model+adapter``) that are Hugging Face Hub ids
             (linked, listed as base models).
         extra: more facts to list (seed, dtype...).
+        path: the folder the usage snippet loads (default: ``name``).
     """
     models = [m for m in recipe.referenced_models() if m != recipe.base_model]
     hub = list(dict.fromkeys(p for m in recipe.referenced_models() for p in m.split("+") if p in hub_ids))
@@ -62,6 +64,6 @@ def render_model_card(recipe: Recipe, name: str, *, description: str = "", refer
         + f"\n## 🧩 Configuration\n\n```yaml\n{recipe.to_yaml()}```\n\n"
         f"## 💻 Usage\n\n```python\n"
         f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained(\"{name}\")\n"
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n"
+        f"model = AutoModelForCausalLM.from_pretrained(\"{path or name}\")\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{path or name}\")\n```\n"
     )

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from orchestrator.errors import UserError
-from orchestrator.recipe import (
+from orchestrator.merge import get_method
+from orchestrator.engine.recipe import (
     EMPTY,
     MISSING,
     NO_OP_KEYS,
@@ -26,19 +27,12 @@ from orchestrator.recipe import (
     leaves,
     resolve,
 )
-from orchestrator.weights import DTYPE_NAMES, ModelWeights, dtype_name, read_vocab
+from orchestrator.engine.weights import DTYPE_NAMES, ModelWeights, dtype_name, read_vocab
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\."
                       r"(?P<suffix>.+)$")
 PRE_RE = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-def get_method(name: str):
-    """Registry lookup (UserError listing close matches and the valid names)."""
-    from orchestrator.merge.registry import get_method as lookup
-
-    return lookup(name)
 
 
 # -- normalised structure ---------------------------------------------------------------------

@@ -4,8 +4,8 @@ A recipe is a tree of frozen dataclasses parsed from (and dumped back to) a merg
 ``models`` or ``slices``, ``base_model``, ``merge_method``, ``parameters`` (scalars, per-layer
 gradients, ``{filter, value}`` rules), ``dtype``, ``out_dtype`` and ``tokenizer_source``.
 
-Parsing checks structure only; ``orchestrator.plan.check_recipe`` validates a recipe against
-its method without any file, and ``orchestrator.plan.build_plan`` against the models' headers.
+Parsing checks structure only; ``plan.check_recipe`` validates a recipe against
+its method without any file, and ``plan.build_plan`` against the models' headers.
 """
 
 from __future__ import annotations

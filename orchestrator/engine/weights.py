@@ -523,6 +523,18 @@ def copy_tokenizer(src_folder: Path, out_folder: Path) -> list[str]:
     return copied
 
 
+def copy_generation_config(src_folder: Path, out_folder: Path) -> list[str]:
+    """Copy ``generation_config.json`` from the tokenizer donor when it has one.
+
+    The EOS ids and chat defaults belong with the tokenizer (an instruct model's, with
+    ``tokenizer_source``), not with the config donor (often the base model).
+    """
+    if not (Path(src_folder) / EXTRA_FILES[0]).is_file():
+        return []
+    shutil.copy2(Path(src_folder) / EXTRA_FILES[0], Path(out_folder) / EXTRA_FILES[0])
+    return [EXTRA_FILES[0]]
+
+
 def read_vocab(folder: Path) -> dict[str, int]:
     """The tokenizer's vocabulary (token -> id, added tokens included) of a model folder."""
     from transformers import AutoTokenizer

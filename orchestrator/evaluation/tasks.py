@@ -1,9 +1,10 @@
 """Task resolution: names -> lm-eval task objects per split, checked before any model is loaded.
 
-Only lm-eval's public API is used (``TaskManager``, ``Task.set_config``, ``Group``). Indexing all
-~14,000 built-in tasks costs ~6.5 s, so local folders are indexed first and the built-ins only
-when a name is not local: first the built-in folder named like the task (``hellaswag``,
-``mmlu``, ``arc``: milliseconds), then, only if that misses, the whole built-in tree.
+lm-eval's public API (``TaskManager``, ``Task.set_config``) plus the task-index and split
+helpers of ``lm_eval_compat``. Indexing all ~14,000 built-in tasks costs ~6.5 s, so local
+folders are indexed first and the built-ins only when a name is not local: first the built-in
+folder named like the task (``hellaswag``, ``mmlu``, ``arc``: milliseconds), then, only if that
+misses, the whole built-in tree.
 
 Split expressions name a dataset split, optionally a slice of it: ``validation``,
 ``validation[:50%]``, ``validation[50%:]``. A slice is taken over a fixed seeded permutation of
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UserError
+from orchestrator.evaluation import lm_eval_compat as compat
 
 if TYPE_CHECKING:
     from lm_eval.api.group import Group
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
 _SPLIT_RE = re.compile(r"^\s*([A-Za-z0-9_\-.]+)\s*(?:\[\s*(\d*)%?\s*:\s*(\d*)%?\s*\])?\s*$")
 OFFLINE_FIX = ("run once with network access (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0) to fill the "
                "Hugging Face cache, or point the task at local files (dataset_path: json with "
-               "dataset_kwargs.data_files) in a folder given with --include")
+               "dataset_kwargs.data_files) in a task folder given with `eval --include DIR` or "
+               "`sweep eval.include=[DIR]`")
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,14 @@ def include_paths(extra: tuple[str, ...] | list[str] = ()) -> list[Path]:
     for raw in extra:
         path = Path(raw).expanduser().resolve()
         if not path.is_dir():
-            raise UserError(f"--include: task folder {raw!r} does not exist")
+            raise UserError(f"task folder {raw!r} (eval --include / eval.include) does not exist")
         paths.append(path)
     return paths
 
 
 def _zoo_tasks_dir() -> Path | None:
-    try:
-        from orchestrator import zoo
-    except ImportError:
-        return None
+    from orchestrator import zoo
+
     tasks_dir = getattr(zoo, "TASKS_DIR", None)
     return Path(tasks_dir) if tasks_dir is not None and Path(tasks_dir).is_dir() else None
 
@@ -112,11 +113,11 @@ def make_task_manager(names: list[str], include: list[Path]) -> TaskManager:
     missing = [n for n in names if n not in local.all_tasks]
     if not missing:
         return local
-    folders = _builtin_folders(missing)
+    folders = compat.builtin_task_folders(missing)
     if folders:
         partial = TaskManager(include_path=[*map(str, folders), *map(str, include)],
                               include_defaults=False)
-        if all(_refs_known(partial, n) for n in names):
+        if all(compat.refs_known(partial, n) for n in names):
             return partial
     full = TaskManager(include_path=[str(p) for p in include] or None)
     unknown = [n for n in names if n not in full.all_tasks]
@@ -125,37 +126,11 @@ def make_task_manager(names: list[str], include: list[Path]) -> TaskManager:
     return full
 
 
-def _refs_known(tm: TaskManager, name: str, depth: int = 0) -> bool:
-    """True if ``name`` and the members its group YAML names are all in ``tm``'s index."""
-    entry = tm.task_index.get(name)
-    if entry is None or depth > 8:
-        return False
-    if name not in tm.all_groups:
-        return True
-    members = (entry.cfg or {}).get("task") or []
-    return all(_refs_known(tm, m, depth + 1) for m in members if isinstance(m, str))
-
-
-def _builtin_folders(names: list[str]) -> list[Path]:
-    """Built-in task folders whose name starts the task name (``mmlu`` for ``mmlu_anatomy``)."""
-    import lm_eval.tasks
-
-    root = Path(lm_eval.tasks.__file__).parent
-    folders = set()
-    for name in names:
-        low = name.lower()
-        for sub in root.iterdir():
-            if sub.is_dir() and low.startswith(sub.name.lower()) and not sub.name.startswith("_"):
-                folders.add(sub)
-        if not any(low.startswith(f.name.lower()) for f in folders):
-            return []
-    return sorted(folders)
-
-
 def _unknown_message(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
-    return (f"unknown lm-eval task {name!r}{hint} (local task folders are added with --include; "
+    return (f"unknown lm-eval task {name!r}{hint} (local task folders are added with `eval --include DIR` "
+            "or `sweep eval.include=[DIR]`; "
             "`lm-eval ls tasks` lists the built-in ones)")
 
 
@@ -197,10 +172,10 @@ def load_task(tm: TaskManager, name: str, split: str | None,
     for leaf, task in leaves.items():
         if split is not None:
             _check_split(name, leaf, task, split)
-            if split != _eval_split(task):
+            if split != compat.eval_split(task):
                 task.set_config(key="test_split", value=split)
         _apply_fewshot(task, num_fewshot, fewshot_seed)
-    return LoadedTask(name, split or _eval_split(next(iter(leaves.values()))), leaves, group)
+    return LoadedTask(name, split or compat.eval_split(next(iter(leaves.values()))), leaves, group)
 
 
 def _load_or_explain(tm: TaskManager, name: str) -> dict[str, Any]:
@@ -223,8 +198,7 @@ def _load_or_explain(tm: TaskManager, name: str) -> dict[str, Any]:
 
 
 def _dataset_of(tm: TaskManager, name: str) -> str:
-    entry = tm.task_index.get(name)
-    path = (entry.cfg or {}).get("dataset_path") if entry is not None else None
+    path = compat.dataset_of(tm, name)
     return f" {path!r}" if path else ""
 
 
@@ -232,19 +206,8 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _eval_split(task: Task) -> str:
-    """The split lm-eval evaluates by default (test, else validation)."""
-    cfg = task.config
-    return cfg.test_split if cfg.test_split is not None else cfg.validation_split
-
-
-def dataset_splits(task: Task) -> list[str]:
-    """Names of the splits in the task's loaded dataset."""
-    return list(getattr(task, "dataset", None) or {})
-
-
 def _check_split(name: str, leaf: str, task: Task, split: str) -> None:
-    available = dataset_splits(task)
+    available = compat.dataset_splits(task)
     if split not in available:
         where = f"task {name!r}" if leaf == name else f"task {name!r} (subtask {leaf!r})"
         raise UserError(f"{where} has no split {split!r}; its dataset has: {', '.join(available)}")
@@ -271,7 +234,7 @@ def default_splits(loaded: LoadedTask) -> tuple[str, str]:
     eval_split = loaded.split
     fewshot_split = task.get_config("fewshot_split")
     if (eval_split == "test" and fewshot_split != "validation"
-            and all("validation" in dataset_splits(t) for t in loaded.leaves.values())):
+            and all("validation" in compat.dataset_splits(t) for t in loaded.leaves.values())):
         return "validation", "test"
     return f"{eval_split}[:50%]", f"{eval_split}[50%:]"
 

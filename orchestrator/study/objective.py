@@ -1,209 +1,171 @@
-"""The trial: suggest -> recipe -> merge in memory -> evaluate rung by rung -> score.
+"""The trial: suggest -> recipe -> merge in memory -> evaluate rung by rung -> a ``TrialRecord``.
 
-Kept short on purpose; the resident model, its merger and evaluator live in ``Resident``
-(``orchestrator/sweep.py``), the search space in ``orchestrator/search.py``.
+Kept short on purpose. The resident model (its merger and evaluator) is ``resident.Resident``;
+the search space is ``spaces.MethodSpace``; what a trial produced is a ``records.TrialRecord``,
+stored on the Optuna trial by ``records.save`` and handed to the listeners (MLflow, the
+progress line) when the trial starts, after each rung and when it ends.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
-import yaml
+import optuna
 
-from orchestrator.search import MethodSpace, build_recipe
+from orchestrator.study import records
+from orchestrator.study.records import INTERRUPTED, Rung, State, TrialRecord
+from orchestrator.study.spaces import MethodSpace
 
-PRUNED, COMPLETE, FAILED = "pruned", "complete", "failed"
-
-
-def recipe_key(recipe: Mapping[str, Any], seed: int) -> str:
-    """A canonical hash of a recipe and merge seed: the same merge gets the same key."""
-    text = json.dumps({"recipe": recipe, "seed": seed}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+RecipeBuilder = Callable[[str, Mapping[str, Any], Mapping[str, Mapping[str, Any]]], dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class Rung:
-    """The running objective after one rung of the search split.
+class TrialListener(Protocol):
+    """Told what a trial does (the MLflow tracker, the progress printer)."""
 
-    ``new_items`` are (stable item id, weighted value) for the items this rung added, for
-    pruners that compare trials item by item (Wilcoxon).
-    """
+    def trial_started(self, record: TrialRecord) -> None: ...
 
-    n_items: int
-    score: float
-    stderr: float
-    components: dict[str, float]
-    new_items: tuple[tuple[int, float], ...] = ()
+    def trial_rung(self, record: TrialRecord, rung: Rung) -> None: ...
 
-
-@dataclass
-class TrialReport:
-    """What the progress printer shows for one finished trial."""
-
-    number: int
-    method: str
-    params: dict[str, Any]
-    rungs: list[tuple[int, float]]
-    state: str
-    value: float | None = None
-    reason: str = ""
+    def trial_finished(self, record: TrialRecord) -> None: ...
 
 
 class Objective:
-    """Callable for ``study.optimize``: one merge-and-evaluate per trial."""
+    """One merge-and-evaluate per trial (``objective(trial, method)``, as ``Worker`` calls it).
 
-    def __init__(self, spaces: Mapping[str, MethodSpace], resident: Any, tracker: Any,
-                 candidates: Any, seed: int, multi_objective: bool, wilcoxon: bool,
-                 on_done: Any = None, worker: str | None = None, interruptible: Any = None) -> None:
+    Args:
+        spaces: each method's search space.
+        resident: merges a recipe into the resident model and evaluates it in rungs.
+        build_recipe: ``(method, global values, {model: values}) -> recipe``.
+        seed: the merge seed (DARE/DELLA masks).
+        n_rungs: rungs of the search split (the last one is the full split).
+        multi_objective: one value per task, no pruning.
+        per_item: report each item's value to the pruner (Wilcoxon) instead of the score.
+        listeners: told when a trial starts, after each rung, and when it ends.
+        interruptible: context manager around compute, where SIGINT/SIGTERM may cut in.
+        worker: ``host:pid``, recorded on each trial.
+    """
+
+    def __init__(self, spaces: Mapping[str, MethodSpace], resident: Any, build_recipe: RecipeBuilder,
+                 seed: int, n_rungs: int, *, multi_objective: bool = False, per_item: bool = False,
+                 listeners: Sequence[TrialListener] = (), interruptible: Any = None,
+                 worker: str | None = None, model_names: Sequence[str] = ()) -> None:
+        import contextlib
+
         self.spaces = dict(spaces)
         self.resident = resident
-        self.tracker = tracker
-        self.candidates = candidates
+        self.build_recipe = build_recipe
         self.seed = seed
+        self.n_rungs = n_rungs
         self.multi_objective = multi_objective
-        self.wilcoxon = wilcoxon
-        self.on_done = on_done or (lambda report: None)
+        self.per_item = per_item
+        self.listeners = list(listeners)
+        self.interruptible = interruptible or contextlib.nullcontext
         self.worker = worker
-        self.interruptible = interruptible or contextlib.nullcontext  # where SIGINT/SIGTERM may cut in
+        self.model_names = list(model_names)
 
-    def suggest(self, trial: Any) -> tuple[str, dict[str, Any]]:
-        """Pick a method (when comparing several) and its parameters; return (method, recipe)."""
-        methods = list(self.spaces)
-        method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
-        global_values, per_model = self.spaces[method].suggest(trial, list(self.candidates.models))
-        recipe = build_recipe(method, global_values, per_model, self.candidates.models,
-                              self.candidates.base, self.candidates.dtype, self.candidates.tokenizer_source)
-        return method, recipe
+    def suggest(self, trial: Any, method: str | None = None) -> tuple[str, dict[str, Any]]:
+        """The method (sampled when several share one sampler) and the trial's recipe."""
+        if method is None:
+            methods = list(self.spaces)
+            method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+        global_values, per_model = self.spaces[method].suggest(trial, self.model_names)
+        return method, self.build_recipe(method, global_values, per_model)
 
-    def __call__(self, trial: Any) -> float | tuple[float, ...]:
-        """One trial; every trial gets one MLflow child run, whatever its outcome."""
-        import optuna
-
-        method, recipe = self.suggest(trial)
-        key = recipe_key(recipe, self.seed)
-        for name, value in (("method", method), ("recipe_key", key), ("recipe", recipe), ("worker", self.worker)):
-            trial.set_user_attr(name, value)
-        run_id = self.tracker.start_trial(trial.number, {"method": method, **trial.params}, worker=self.worker)
-        rungs: list[tuple[int, float]] = []
+    def __call__(self, trial: Any, method: str | None = None) -> float | tuple[float, ...]:
+        """One trial; every trial is told to the listeners, whatever its outcome."""
+        method, recipe = self.suggest(trial, method)
+        key = records.recipe_key(recipe, self.seed)
+        record = records.start(trial, records.number_of(trial) or 0, method, recipe, key, self.worker,
+                               trial.params)
+        self._notify("trial_started", record)
+        rungs: list[Rung] = []
         try:
-            self.tracker.log_artifact_data(run_id, "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-            done = _find_completed(trial.study, key)
+            done = records.completed_by_key(trial.study.get_trials(deepcopy=False), key)
             if done is not None:  # the same recipe was evaluated already: reuse its value
-                return self._duplicate(trial, method, done, run_id)
-            value = self._run(trial, recipe, run_id, rungs)
+                return self._duplicate(trial, record, done)
+            return self._run(trial, record, recipe, rungs)
         except optuna.TrialPruned:
-            self.tracker.end_trial(run_id, "KILLED")
-            self._notify(TrialReport(trial.number, method, trial.params, rungs, PRUNED))
             raise
         except BaseException as err:
-            self._failed(trial, method, run_id, rungs, err)
+            self._finish(trial, records.finish(record, _fail_state(err), rungs=tuple(rungs), reason=_reason(err)))
             raise
-        self.tracker.end_trial(run_id, "FINISHED")
-        self._notify(TrialReport(trial.number, method, trial.params, rungs, COMPLETE, _first(value)))
-        return value
 
-    def _duplicate(self, trial: Any, method: str, done: Any, run_id: str | None) -> float | tuple[float, ...]:
-        trial.set_user_attr("duplicate_of", done.number)
-        self.tracker.set_tags(run_id, {"duplicate_of": done.number})
-        self.tracker.log_metrics(run_id, {"score": _first(done.values) or float("nan")})
-        self.tracker.end_trial(run_id, "FINISHED")
-        self._notify(TrialReport(trial.number, method, trial.params, [], COMPLETE, _first(done.values),
-                                 f"same recipe as trial {done.number}"))
-        return done.values[0] if len(done.values) == 1 else tuple(done.values)
-
-    def _failed(self, trial: Any, method: str, run_id: str | None, rungs: list[tuple[int, float]],
-                err: BaseException) -> None:
-        """Record why a trial failed; an interrupt (SIGINT/SIGTERM) ends its run KILLED."""
-        from orchestrator.workers import INTERRUPTED
-
-        if isinstance(err, KeyboardInterrupt):
-            reason = f"{INTERRUPTED} ({err.args[0] if err.args else 'SIGINT'})"
-        else:
-            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
-        trial.set_user_attr("fail_reason", reason)
-        self.tracker.set_tags(run_id, {"fail_reason": reason})
-        self.tracker.end_trial(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        self._notify(TrialReport(trial.number, method, trial.params, rungs, FAILED, reason=reason))
-
-    def _notify(self, report: TrialReport) -> None:
-        """The progress line; a failure to print never fails the trial."""
-        try:
-            self.on_done(report)
-        except Exception as err:  # noqa: BLE001
-            import sys
-
-            print(f"(progress line of trial {report.number} failed: {type(err).__name__}: {err})",
-                  file=sys.stderr)
-
-    def _run(self, trial: Any, recipe: dict[str, Any], run_id: str | None,
-             rungs: list[tuple[int, float]]) -> float | tuple[float, ...]:
-        import optuna
-
+    def _run(self, trial: Any, record: TrialRecord, recipe: dict[str, Any],
+             rungs: list[Rung]) -> float | tuple[float, ...]:
         start = time.perf_counter()
         with self.interruptible():
             self.resident.merge(recipe, seed=self.seed)
         merge_s = time.perf_counter() - start
-        trial.set_user_attr("merge_s", merge_s)
         eval_start = time.perf_counter()
-        result = None
-        for result in self._rungs():
-            rungs.append((result.n_items, result.score))
-            metrics = {"score": result.score, **result.components}
-            self.tracker.log_metrics(run_id, metrics, step=result.n_items)
+        for i, rung in enumerate(self._rungs()):
+            rungs.append(rung)
+            self._notify("trial_rung", record, rung)
             if self.multi_objective:
                 continue
-            self._report(trial, result)
-            if trial.should_prune():
-                trial.set_user_attr("eval_s", time.perf_counter() - eval_start)
-                raise optuna.TrialPruned(f"pruned at {result.n_items} items (score {result.score:.4f})")
-        eval_s = time.perf_counter() - eval_start
-        trial.set_user_attr("eval_s", eval_s)
-        trial.set_user_attr("components", dict(result.components))
-        trial.set_user_attr("stderr", result.stderr)
-        trial.set_user_attr("n_items", result.n_items)
-        self.tracker.log_metrics(run_id, {"merge_s": merge_s, "eval_s": eval_s,
-                                          "items_per_s": result.n_items / max(eval_s, 1e-9)})
-        if self.multi_objective:
-            return tuple(result.components.values())
-        return result.score
+            self._report(trial, rung)
+            if i < self.n_rungs - 1 and trial.should_prune():  # a full evaluation is never pruned
+                pruned = records.finish(record, State.PRUNED, rungs=tuple(rungs), merge_s=merge_s,
+                                        eval_s=time.perf_counter() - eval_start,
+                                        reason=f"pruned at {rung.n_items} items (score {rung.score:.4f})")
+                self._finish(trial, pruned)
+                raise optuna.TrialPruned(pruned.reason)
+        last = rungs[-1]
+        values = tuple(last.components.values()) if self.multi_objective else (last.score,)
+        done = records.finish(record, State.COMPLETE, rungs=tuple(rungs), values=values, merge_s=merge_s,
+                              eval_s=time.perf_counter() - eval_start)
+        self._finish(trial, done)
+        return values if self.multi_objective else values[0]
 
     def _rungs(self) -> Any:
-        """The search split's rungs, each computed inside an interruptible window."""
-        rungs = self.resident.rungs("search", per_item=self.wilcoxon)
-        while True:
-            with self.interruptible():
-                result = next(rungs, None)
-            if result is None:
-                return
-            yield result
+        """The search split's rungs, each computed inside an interruptible window.
 
-    def _report(self, trial: Any, result: Any) -> None:
+        Exactly ``n_rungs`` windows: none is opened once the last rung is in, so a signal that
+        arrives after the evaluation finished cannot cut the trial short.
+        """
+        rungs = self.resident.rungs("search", per_item=self.per_item)
+        for _ in range(self.n_rungs):
+            with self.interruptible():
+                rung = next(rungs)
+            yield rung
+
+    def _report(self, trial: Any, rung: Rung) -> None:
         """Successive halving/median prune on the running score; Wilcoxon on per-item values."""
-        if self.wilcoxon:
-            for item_id, value in result.new_items:
+        if self.per_item:
+            for item_id, value in rung.new_items:
                 trial.report(float(value), item_id)
         else:
-            trial.report(result.score, result.n_items)
+            trial.report(rung.score, rung.n_items)
+
+    def _duplicate(self, trial: Any, record: TrialRecord, done: Any) -> float | tuple[float, ...]:
+        earlier = records.load(done)
+        dup = records.finish(record, State.COMPLETE, rungs=earlier.rungs, values=tuple(done.values),
+                             duplicate_of=earlier.number, reason=f"same recipe as trial {earlier.number}")
+        self._finish(trial, dup)
+        return done.values[0] if len(done.values) == 1 else tuple(done.values)
+
+    def _finish(self, trial: Any, record: TrialRecord) -> None:
+        records.save(trial, record)
+        self._notify("trial_finished", record)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Tell the listeners; a listener that fails never fails the trial (it is said)."""
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(*args)
+            except Exception as err:  # noqa: BLE001
+                import sys
+
+                print(f"({type(listener).__name__}.{event} failed: {type(err).__name__}: {err})",
+                      file=sys.stderr)
 
 
-def _find_completed(study: Any, key: str) -> Any:
-    import optuna
-
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("recipe_key") == key:
-            return t
-    return None
+def _fail_state(err: BaseException) -> State:
+    return State.INTERRUPTED if isinstance(err, KeyboardInterrupt) else State.FAILED
 
 
-def _first(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return float(value[0]) if len(value) == 1 else None
-    return float(value)
+def _reason(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return f"{INTERRUPTED} ({err.args[0] if err.args else 'SIGINT'})"
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]

@@ -1,4 +1,4 @@
-"""Search spaces: ``search_spaces/<method>.yaml`` -> Optuna ``suggest_*`` -> a mergekit recipe dict.
+"""Search spaces: ``search_spaces/<method>.yaml`` -> Optuna ``suggest_*`` -> parameter values.
 
 A space file names a method and declares distributions for its per-model parameters
 (``per_model``: suggested once per candidate model), its global parameters (``global``) and
@@ -23,7 +23,6 @@ an out-of-range bound fails before the first trial.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.merge import MergeMethod, get_method
+from orchestrator.study.options import close_matches
 
 DIST_KEYS = {"low", "high", "log", "step", "int", "choices", "gradient"}
 
@@ -149,11 +149,6 @@ class MethodSpace:
         return grid
 
 
-def _close(word: str, options: Sequence[str]) -> str:
-    matches = difflib.get_close_matches(word, list(options), n=3)
-    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
-
-
 def parse_space(data: Mapping[str, Any], where: str, method: str | None = None) -> MethodSpace:
     """Build and validate a ``MethodSpace`` from a mapping (one space file)."""
     if not isinstance(data, Mapping):
@@ -175,7 +170,7 @@ def parse_space(data: Mapping[str, Any], where: str, method: str | None = None) 
     for key in fixed:
         if key not in valid_fixed:
             raise UserError(f"{where}: fixed parameter {key!r} is not a parameter of method "
-                            f"{spec.name!r}{_close(key, sorted(valid_fixed))}; valid: {sorted(valid_fixed)}")
+                            f"{spec.name!r}{close_matches(key, sorted(valid_fixed))}; valid: {sorted(valid_fixed)}")
     space = MethodSpace(method=spec.name, per_model=per_model, global_=global_, fixed=fixed)
     _check_against_dataclasses(space, spec, where)
     return space
@@ -189,7 +184,7 @@ def _parse_section(section: Any, valid: Sequence[str], label: str, spec: MergeMe
     for key, dist in section.items():
         if key not in valid:
             raise UserError(f"{where}: {key!r} is not a {label.replace('_', '-')} parameter of method "
-                            f"{spec.name!r}{_close(key, valid)}; valid: {list(valid) or 'none'}")
+                            f"{spec.name!r}{close_matches(key, valid)}; valid: {list(valid) or 'none'}")
         out[key] = Distribution.parse(dist, f"{where}: {label}.{key}")
     return out
 
@@ -233,41 +228,27 @@ def load_space(path: str | Path, method: str | None = None) -> MethodSpace:
 def check_model_count(space: MethodSpace, n_models: int) -> None:
     """Refuse a method that cannot merge this many candidate models."""
     spec = space.spec
-    slots = n_models - 1 if _uses_first_as_base(spec, n_models) else n_models
+    slots = n_models - 1 if uses_first_as_base(spec, n_models) else n_models
     if slots < spec.min_models or (spec.max_models is not None and slots > spec.max_models):
         limit = f"{spec.min_models}" + (f"..{spec.max_models}" if spec.max_models != spec.min_models else "")
         raise UserError(f"method {spec.name!r} merges {limit} model(s) besides its base, "
                         f"but the candidates have {n_models}")
 
 
-def _uses_first_as_base(spec: MergeMethod, n_models: int) -> bool:
+def uses_first_as_base(spec: MergeMethod, n_models: int) -> bool:
     """SLERP-like methods interpolate between two candidates: the first plays the base."""
-    return spec.base == "required" and spec.max_models == 1 and n_models == 2
-
-
-def build_recipe(method: str, global_values: Mapping[str, Any], per_model: Mapping[str, Mapping[str, Any]],
-                 models: Mapping[str, str], base: str | None, dtype: str = "float32",
-                 tokenizer_source: str | None = None) -> dict[str, Any]:
-    """A mergekit-format recipe dict for one trial (``models``: name -> path, in order)."""
-    spec = get_method(method)
-    names = list(models)
-    recipe: dict[str, Any] = {"merge_method": method, "dtype": dtype}
-    if _uses_first_as_base(spec, len(names)):
-        recipe["base_model"] = models[names[0]]
-    elif spec.base != "none" and base is not None:
-        recipe["base_model"] = base
-    recipe["models"] = [{"model": models[n], **({"parameters": dict(per_model[n])} if per_model.get(n) else {})}
-                        for n in names]
-    if global_values:
-        recipe["parameters"] = dict(global_values)
-    if tokenizer_source:
-        recipe["tokenizer_source"] = tokenizer_source
-    return recipe
+    return spec.needs_base and spec.max_models == 1 and n_models == 2
 
 
 def space_as_dict(space: MethodSpace) -> dict[str, Any]:
     """Plain-data view of a space, for logging."""
     def dist(d: Distribution) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(d).items() if v not in (None, False, 0)}
+        data = {k: v for k, v in dataclasses.asdict(d).items() if v is not None}
+        if d.choices is not None:  # a categorical: no bounds
+            data.pop("low", None), data.pop("high", None)
+        for key in ("log", "is_int", "gradient"):  # flags at their defaults say nothing
+            if not data.get(key):
+                data.pop(key, None)
+        return data
     return {"method": space.method, "per_model": {k: dist(v) for k, v in space.per_model.items()},
             "global": {k: dist(v) for k, v in space.global_.items()}, "fixed": dict(space.fixed)}

@@ -1,51 +1,34 @@
-"""Optuna plumbing: storage, sampler, pruner, and the study lock.
+"""Optuna storage: URLs, opening and checking a storage, the study lock, opening a study.
 
 Storage URLs: ``sqlite:///path.db`` (default, one machine), ``postgresql+psycopg2://...`` (many
 workers, many machines), or ``journal:///path.log`` / a path ending in ``.log`` (Optuna's journal
 file, for shared filesystems without a database).
 
-The worker loop (liveness, signals, counting) lives in ``orchestrator/workers.py``; the
-study lock that both use lives here.
+The worker loop (liveness, signals, counting) lives in ``workers.py``; samplers and pruners in
+``samplers.py`` and ``pruners.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from orchestrator.config import PrunerConfig, SamplerConfig
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, redact_text
 
-SAMPLERS = ("tpe", "cmaes", "random", "grid", "qmc", "nsga2")
-PRUNERS = ("successive_halving", "wilcoxon", "median", "none")
 HEARTBEAT_S = 30
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 # ----------------------------------------------------------------------------- URLs
-
-
-def redact(url: str) -> str:
-    """A storage or tracking URL with any password replaced by ``***``."""
-    return redact_text(url)
-
-
-def redact_text(text: str) -> str:
-    """Any text with URL passwords (``scheme://user:pw@``, ``password=pw``) replaced by ``***``."""
-    import re
-
-    text = re.sub(r"(://[^/\s:@]*:)[^@\s/]*@", r"\1***@", text)
-    return re.sub(r"(?i)((?:password|passwd|pwd)=)[^&\s]+", r"\1***", text)
 
 
 def storage_url(storage: str | None, runs_dir: Path) -> str:
@@ -58,7 +41,7 @@ def storage_kind(url: str) -> str:
     if url.startswith("journal://") or url.endswith((".log", ".journal")):
         return "journal"
     if "://" not in url:
-        raise UserError(f"study.storage {redact(url)!r} is not a URL: use sqlite:///file.db, "
+        raise UserError(f"study.storage {redact_text(url)!r} is not a URL: use sqlite:///file.db, "
                         "postgresql+psycopg2://user@host:port/db or journal:///file.log")
     scheme = url.split("://", 1)[0]
     if scheme.startswith("sqlite"):
@@ -93,7 +76,7 @@ def check_storage(url: str) -> None:
         with _engine(url).connect():
             pass
     except Exception as err:  # noqa: BLE001 - driver errors of every kind become one line
-        raise UserError(f"cannot open study storage {redact(url)}: {_short(err)}") from None
+        raise UserError(f"cannot open study storage {redact_text(url)}: {_short(err)}") from None
 
 
 def _engine(url: str) -> Any:
@@ -137,7 +120,7 @@ def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int | None =
             if not _is_race(err):
                 break
             time.sleep(0.2 * (attempt + 1))
-    raise UserError(f"cannot open study storage {redact(url)}: {_short(last)}")
+    raise UserError(f"cannot open study storage {redact_text(url)}: {_short(last)}")
 
 
 def _is_race(err: Exception) -> bool:
@@ -225,120 +208,6 @@ class StudyLock:
             self._file = None
 
 
-# ----------------------------------------------------------------------------- sampler, pruner
-
-
-def make_sampler(cfg: SamplerConfig, grid: Mapping[str, Sequence[Any]] | None = None) -> Any:
-    """An Optuna sampler from config (seeded)."""
-    name = cfg.name
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                                          multivariate=cfg.multivariate, group=cfg.multivariate,
-                                          constant_liar=True)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials,
-                                            warn_independent_sampling=False)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    if name == "grid":
-        check_grid(dict(grid or {}))
-        return AskTellGridSampler(dict(grid or {}), seed=cfg.seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=cfg.seed, warn_independent_sampling=False)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
-    raise UserError(f"unknown sampler {name!r} in study.sampler.name; valid: {', '.join(SAMPLERS)}")
-
-
-MAX_GRID_POINTS = 100_000
-
-
-def check_grid(grid: Mapping[str, Sequence[Any]]) -> None:
-    """A grid Optuna's ``GridSampler`` can enumerate: one method, a sane number of points.
-
-    ``GridSampler`` lists every combination up front; over several methods the grid would be
-    the product of all their parameters (most of them unused by any one trial), which for the
-    default five methods is ~10^8 points and tens of GB.
-    """
-    if "method" in grid:
-        raise UserError(f"study.sampler.name=grid searches one method's grid, but the study compares "
-                        f"{len(grid['method'])} methods ({', '.join(map(str, grid['method']))}); run one "
-                        "study per method (e.g. method=ties) or use another sampler")
-    size = grid_size(grid)
-    if size > MAX_GRID_POINTS:
-        raise UserError(f"study.sampler.name=grid: {size:,} grid points over {len(grid)} parameters exceed "
-                        f"{MAX_GRID_POINTS:,}; lower study.sampler.grid_points or search fewer parameters")
-
-
-def grid_size(grid: Mapping[str, Sequence[Any]]) -> int:
-    """Number of points of a grid (the product of each parameter's values)."""
-    return math.prod(len(values) for values in grid.values())
-
-
-class AskTellGridSampler(optuna.samplers.BaseSampler):
-    """Optuna's ``GridSampler`` for ask/tell loops.
-
-    ``GridSampler.after_trial`` calls ``study.stop()`` once every point was visited, which
-    raises outside ``Study.optimize``; our workers use ask/tell and stop at ``n_trials``, which
-    the sweep caps at the grid's size. Everything else is ``GridSampler``'s.
-    """
-
-    def __init__(self, grid: Mapping[str, Sequence[Any]], seed: int | None = None) -> None:
-        self.grid = optuna.samplers.GridSampler(dict(grid), seed=seed)
-        self.size = grid_size(grid)
-
-    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-        return self.grid.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
-        return self.grid.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
-        return self.grid.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: Any, trial: Any) -> None:
-        self.grid.before_trial(study, trial)
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        """No ``study.stop()``: the worker loop counts trials itself."""
-
-    def reseed_rng(self) -> None:
-        self.grid.reseed_rng()
-
-
-def make_pruner(cfg: PrunerConfig, first_rung_items: int, multi_objective: bool) -> Any:
-    """An Optuna pruner over the evaluator's rungs (steps are items evaluated)."""
-    if cfg.name not in PRUNERS:
-        raise UserError(f"unknown pruner {cfg.name!r} in study.pruner.name; valid: {', '.join(PRUNERS)}")
-    if multi_objective or cfg.name == "none":
-        return optuna.pruners.NopPruner()
-    if cfg.name == "successive_halving":
-        sha = optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, first_rung_items),
-                                                     reduction_factor=cfg.reduction_factor)
-        return StartupPruner(sha, cfg.n_startup_trials)
-    if cfg.name == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=cfg.p_threshold, n_startup_steps=2)
-    return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=0)
-
-
-class StartupPruner(optuna.pruners.BasePruner):
-    """Never prunes before ``n_startup_trials`` trials completed, then defers to ``wrapped``.
-
-    Successive halving compares a trial with those that reached the same rung; in the first
-    trials of a study that is a handful of points, and it prunes nearly everything.
-    """
-
-    def __init__(self, wrapped: Any, n_startup_trials: int) -> None:
-        self.wrapped = wrapped
-        self.n_startup_trials = n_startup_trials
-
-    def prune(self, study: Any, trial: Any) -> bool:
-        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if len(complete) < self.n_startup_trials:
-            return False
-        return self.wrapped.prune(study, trial)
-
-
 # ----------------------------------------------------------------------------- opening a study
 
 
@@ -361,9 +230,6 @@ def open_study(name: str, storage: Any, sampler: Any, pruner: Any, directions: S
 
 def _direction(text: str) -> Any:
     return optuna.study.StudyDirection.MAXIMIZE if text == "maximize" else optuna.study.StudyDirection.MINIMIZE
-
-
-# ----------------------------------------------------------------------------- retries and counting
 
 
 def warn(text: str) -> None:

@@ -1,13 +1,16 @@
 """The worker loop: many workers, one study.
 
-Many workers, one study: every worker runs the same command against the same storage URL.
+Every worker runs the same command against the same storage URL.
 
 * **Joining** (storage schema, study, first enqueued trial, MLflow parent run) happens under a
   lock, so workers starting at the same moment on a fresh database create everything once:
   a PostgreSQL advisory lock, or ``flock`` on ``<file>.mo-lock`` next to a SQLite database or
   a journal file.
 * **Trials** are pulled one at a time (``ask`` under the study's lock, so the total never
-  overshoots ``n_trials``), evaluated with no barrier between workers, and told back.
+  overshoots ``n_trials``; in a fair comparison from the method with the fewest trials
+  started, ``group.StudyGroup.next_member``), evaluated with no barrier between workers, and
+  told back. Evaluating and telling are one critical block: once a trial's evaluation is
+  finished, a signal cannot keep it from being told COMPLETE (the worker stops right after).
 * **Liveness**: a running trial's worker beats a heartbeat every ``heartbeat_s``; a trial
   silent for ``grace_s`` (its worker was killed, its machine lost) is marked FAIL by whichever
   worker notices first and re-queued once with the same parameters (``retry_trial``, the
@@ -32,20 +35,21 @@ from typing import Any
 
 import optuna
 
-from orchestrator.study import StudyLock, warn
+from orchestrator.study import records
+from orchestrator.study.group import StudyGroup, running, superseded
+from orchestrator.study.records import INTERRUPTED
+from orchestrator.study.storage import StudyLock, warn
 
 BEAT_ATTR = "mo.heartbeat"     # journal storages: last beat (unix time) of a running trial
 WORKER_ATTR = "mo.worker"      # the worker that runs a trial (host:pid)
-INTERRUPTED = "interrupted"    # fail_reason prefix of a trial abandoned on SIGINT/SIGTERM
-RETRY_DROP = {"fail_reason", "duplicate_of", "merge_s", "eval_s", "worker", "components", "stderr", "n_items"}
 
 
 def retry_trial(study: Any, trial: Any, max_retry: int | None) -> bool:
     """Queue a copy of a failed trial with the same parameters; False past ``max_retry``.
 
     Same bookkeeping as Optuna's ``RetryHeartbeatStaleTrialCallback`` (``failed_trial`` and
-    ``retry_history`` system attributes, so its ``retried_trial_number`` works), minus the
-    per-run attributes (fail reason, timings) of the failed attempt.
+    ``retry_history`` system attributes, so its ``retried_trial_number`` works); the copy keeps
+    the trial's merge, not the results of the failed attempt (``records.for_retry``).
     """
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if max_retry is not None and len(history) > max_retry:
@@ -56,7 +60,7 @@ def retry_trial(study: Any, trial: Any, max_retry: int | None) -> bool:
     system.update(failed_trial=history[0], retry_history=history)
     study.add_trial(optuna.trial.create_trial(
         state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={k: v for k, v in trial.user_attrs.items() if k not in RETRY_DROP},
+        user_attrs=records.for_retry(trial),
         system_attrs=system))
     return True
 
@@ -73,27 +77,7 @@ class StaleTrials:
         for listener in self.listeners:
             listener(trial)
         if retried:
-            warn(f"trial {trial.number} lost its worker (no heartbeat): failed, queued again")
-
-
-def superseded(trials: Sequence[Any]) -> set[int]:
-    """Numbers of failed trials that were queued again (their retry stands in for them)."""
-    out: set[int] = set()
-    for t in trials:
-        out.update(t.system_attrs.get("retry_history", []))
-    return out
-
-
-def counted(trials: Sequence[Any]) -> int:
-    """Trials that count toward ``n_trials``: finished (less superseded failures) and running."""
-    states = optuna.trial.TrialState
-    gone = superseded(trials)
-    return sum(1 for t in trials if t.state in (states.COMPLETE, states.PRUNED, states.RUNNING)
-               or (t.state == states.FAIL and t.number not in gone))
-
-
-def running(trials: Sequence[Any]) -> list[Any]:
-    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            warn(f"trial {records.number_of(trial)} lost its worker (no heartbeat): failed, queued again")
 
 
 # ----------------------------------------------------------------------------- liveness
@@ -113,6 +97,7 @@ class Liveness:
         self._study_ids: dict[str, int] = {}
 
     def trial_id(self, study: Any, number: int) -> int:
+        """The storage's id of Optuna trial ``number`` of ``study``."""
         name = study.study_name
         if name not in self._study_ids:
             self._study_ids[name] = self.storage.get_study_id_from_name(name)
@@ -133,16 +118,17 @@ class Liveness:
         self.storage.set_trial_system_attr(trial_id, WORKER_ATTR, self.worker)
         return Beat(self, trial_id, f"heartbeat-{trial.number}")
 
-    def fail_stale(self, study: Any) -> None:
+    def fail_stale(self, group: StudyGroup) -> None:
         """Mark the silent running trials of other workers FAIL and queue them again."""
-        if not self.journal:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat table; calls self.stale
-        now = time.time()
-        for t in running(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
-            if self._silent_for(t, now) > self.grace_s:
-                self._fail(study, t)
+        for study in group.members.values():
+            if not self.journal:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat table; calls self.stale
+            now = time.time()
+            for t in running(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
+                if self._silent_for(t, now) > self.grace_s:
+                    self._fail(study, t)
 
     def _silent_for(self, trial: Any, now: float) -> float:
         """Seconds since the trial was last seen alive (journal beat, or start before its first beat)."""
@@ -252,14 +238,16 @@ class Signals:
 class Worker:
     """Pulls trials of one study until it has ``n_trials`` and none is running anywhere.
 
-    ``on_abandoned(frozen_trial)`` is called after a trial was given up on an interrupt (told
-    FAIL and queued again), e.g. to mark its MLflow run KILLED.
+    ``objective(trial, method)`` runs one trial (``method``: the member's method in a fair
+    comparison, None when the objective samples it). ``on_abandoned(frozen_trial)`` is called
+    after a trial was given up on an interrupt (told FAIL and queued again), e.g. to mark its
+    MLflow run KILLED.
     """
 
-    def __init__(self, study: Any, lock: StudyLock, liveness: Liveness, signals: Signals,
+    def __init__(self, group: StudyGroup, lock: StudyLock, liveness: Liveness, signals: Signals,
                  n_trials: int, timeout_s: float | None = None,
                  on_abandoned: Callable[[Any], None] | None = None) -> None:
-        self.study = study
+        self.group = group
         self.lock = lock
         self.liveness = liveness
         self.signals = signals
@@ -269,90 +257,100 @@ class Worker:
         self.ran = 0
         self.timed_out = False
 
-    def run(self, objective: Callable[[Any], Any]) -> int:
+    def run(self, objective: Callable[[Any, str | None], Any]) -> int:
         """Run trials; returns how many this worker ran."""
         start = time.monotonic()
         while True:
-            self.liveness.fail_stale(self.study)
+            with self.lock:
+                self.liveness.fail_stale(self.group)
             if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
                 self.timed_out = True
                 return self.ran
             if self._attempt(objective):
                 continue
-            if not running(self.study.get_trials(deepcopy=False)):
+            if not self.group.running():
                 return self.ran
             time.sleep(min(max(self.liveness.heartbeat_s / 2, 0.5), 10))  # wait for the others
 
-    def _attempt(self, objective: Callable[[Any], Any]) -> bool:
-        """Ask, evaluate, tell one trial; False when the study needs no more trials now.
+    def _attempt(self, objective: Callable[[Any, str | None], Any]) -> bool:
+        """Ask, evaluate and tell one trial; False when the study needs no more trials now.
 
-        An interrupt at any point after ``ask`` abandons the trial cleanly (``_abandon``).
+        Evaluating and telling are one critical block: the objective opens ``interruptible()``
+        windows around its compute, so a signal stops a merge or a rung at once, but one that
+        arrives once the evaluation is over is held until the trial is told COMPLETE. An
+        interrupt before that abandons the trial cleanly (``_abandon``).
         """
-        trial, beat, told = None, None, False
+        asked, beat, told = None, None, False
         try:
             with self.signals.critical():
-                trial = self._ask()
-                if trial is None:
+                asked = self._ask()
+                if asked is None:
                     return False
-                beat = self.liveness.start(self.study, trial)
-            with self.signals.critical():  # the objective opens interruptible() windows itself
-                value, state = self._evaluate(trial, objective)
+                method, study, trial = asked
+                beat = self.liveness.start(study, trial)
             with self.signals.critical():
+                value, state = self._evaluate(trial, method, objective)
                 beat.stop()
-                self._tell(trial, value, state)
+                self._tell(study, trial, value, state)
                 told = True
-            self.ran += 1
+                self.ran += 1
             return True
         except BaseException as err:
-            if trial is not None and not told:
-                self._abandon(trial, beat, err)
+            if asked is not None and not told:
+                self._abandon(asked[1], asked[2], beat, err)
             raise
 
-    def _ask(self) -> Any:
+    def _ask(self) -> tuple[str | None, Any, Any] | None:
         with self.lock:
-            if counted(self.study.get_trials(deepcopy=False)) >= self.n_trials:
+            where = self.group.next_member(self.n_trials)
+            if where is None:
                 return None
+            method, study = where
             with warnings.catch_warnings():  # "heartbeat is meant for optimize": we beat ourselves
                 warnings.simplefilter("ignore", UserWarning)
-                return self.study.ask()
+                trial = study.ask()
+            records.set_number(trial, self.group.next_number())
+            return method, study, trial
 
     @staticmethod
-    def _evaluate(trial: Any, objective: Callable[[Any], Any]) -> tuple[Any, Any]:
+    def _evaluate(trial: Any, method: str | None, objective: Callable[[Any, str | None], Any]) -> tuple[Any, Any]:
         states = optuna.trial.TrialState
         try:
-            return objective(trial), states.COMPLETE
+            return objective(trial, method), states.COMPLETE
         except optuna.TrialPruned:
             return None, states.PRUNED
         except Exception as err:  # noqa: BLE001 - a failing trial never stops the study
             _record_failure(trial, err)
             return None, states.FAIL
 
-    def _abandon(self, trial: Any, beat: Beat | None, err: BaseException) -> None:
+    def _abandon(self, study: Any, trial: Any, beat: Beat | None, err: BaseException) -> None:
         """Interrupted: tell the trial FAIL (reason kept), queue it again, notify."""
         with self.signals.critical():
             if beat is not None:
                 beat.stop()
-            if "fail_reason" not in trial.user_attrs:
+            if not records.reason_of(trial):
                 why = self.signals.name() if isinstance(err, KeyboardInterrupt) else type(err).__name__
-                trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({why})")
-            frozen = self._tell(trial, None, optuna.trial.TrialState.FAIL)
-            retry_trial(self.study, frozen, self.liveness.stale.max_retry)
+                records.set_reason(trial, f"{INTERRUPTED} ({why})")
+            frozen = self._tell(study, trial, None, optuna.trial.TrialState.FAIL)
+            with self.lock:
+                retry_trial(study, frozen, self.liveness.stale.max_retry)
             self.on_abandoned(frozen)
 
-    def _tell(self, trial: Any, value: Any, state: Any) -> Any:
-        frozen = self.study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None,
-                                 state=state, skip_if_finished=True)
+    @staticmethod
+    def _tell(study: Any, trial: Any, value: Any, state: Any) -> Any:
+        frozen = study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None,
+                            state=state, skip_if_finished=True)
         if frozen.state != state and state != optuna.trial.TrialState.FAIL:
-            warn(f"trial {trial.number} was failed as stale by another worker; its result is dropped "
-                 f"(a retry with the same parameters runs instead)")
+            warn(f"trial {records.number_of(frozen)} was failed as stale by another worker; its result is "
+                 "dropped (a retry with the same parameters runs instead)")
         return frozen
 
 
 def _record_failure(trial: Any, err: Exception) -> None:
     """Keep the reason of a failure the objective did not record itself (and say it)."""
-    if "fail_reason" in trial.user_attrs:
+    if records.reason_of(trial):
         return
     reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
     with contextlib.suppress(Exception):
-        trial.set_user_attr("fail_reason", reason)
-    warn(f"trial {trial.number} failed: {reason}")
+        records.set_reason(trial, reason)
+    warn(f"trial {records.number_of(trial)} failed: {reason}")

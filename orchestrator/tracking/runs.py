@@ -1,117 +1,97 @@
-"""MLflow tracking through the client API: one parent run per study, one child run per trial.
+"""MLflow runs through the client API: one parent run per study, one child run per trial.
 
 Our own logging (optuna-integration's MLflow callback is deprecated and logs no rungs): the
-parent run holds the resolved config, overrides, search spaces, seeds, package versions and
-the git commit; each child run holds the trial's parameters, per-rung metrics (step = items
-evaluated), final state, merge and eval seconds and the recipe YAML.
+parent run holds the resolved config, overrides, search spaces, seeds, package versions, the
+git commit and, at the end, the verdict; each child run holds a trial's parameters (with
+method-neutral names beside Optuna's), its rung scores (``rung_score``, step = items
+evaluated), its final state, merge and eval seconds and the recipe YAML.
 
-Several workers: the parent is found by its ``mo.study`` tag or created, under the study's
-join lock (``orchestrator.study.StudyLock``), so workers starting together make one parent.
-Child runs match Optuna trials one to one (tag ``mo.trial``): a trial re-queued after its
-worker died is a new trial with its own run, and the dead trial's run (left RUNNING by the
-killed process, or FINISHED when the kill came between closing the run and storing the value)
-is closed FAILED (tag ``mo.stale``) by the worker that fails the trial, or by ``reconcile``
-when the study is finalised. Passwords in URLs are never logged: every param,
-tag and text artifact goes through ``redact_text``.
+How a trial ends reads right in the UI: a complete trial is FINISHED with ``score`` (the full
+search split); a pruned one is FINISHED too, tagged ``mo.state=pruned`` and ``mo.pruned_at``,
+with no ``score`` (so sorting by score never mixes partial evaluations in); a failed one is
+FAILED and an interrupted one KILLED, each with its reason.
+
+Several workers: the parent is found by its ``mo.study`` tag or created under the study's join
+lock, so workers starting together make one parent. Child runs match trials one to one (tag
+``mo.trial``, the study-wide trial number): a trial re-queued after its worker died is a new
+trial with its own run, and the dead trial's run is closed FAILED (tag ``mo.stale``). Passwords
+in URLs are never logged: every param, tag and text artifact goes through ``redact_text``.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import TrackingConfig
-from orchestrator.errors import UserError
-from orchestrator.study import redact, redact_text
-from orchestrator.workers import INTERRUPTED
+from orchestrator.errors import UserError, redact_text
+from orchestrator.study import records
+from orchestrator.study.records import Rung, State, TrialRecord
+from orchestrator.tracking.store import (
+    ARTIFACTS_DIR,
+    PROXY_SCHEME,
+    LocalArtifacts,
+    artifact_location,
+    is_remote,
+    tracking_uri,
+)
 
-STUDY_TAG = "mo.study"
-KIND_TAG = "mo.kind"
-TRIAL_TAG = "mo.trial"
-WORKER_TAG = "mo.worker"
+STUDY_TAG, KIND_TAG, TRIAL_TAG, WORKER_TAG = "mo.study", "mo.kind", "mo.trial", "mo.worker"
+STATE_TAG, METHOD_TAG = "mo.state", "mo.method"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # opens on Runs, not Traces
 MAX_PARAM_LEN = 6000
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def run_status(trial: Any) -> str:
-    """The MLflow status of a finished Optuna trial (an interrupted one is KILLED)."""
-    if trial.state.name == "FAIL" and str(trial.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED):
-        return "KILLED"
-    return RUN_STATUS.get(trial.state.name, "FAILED")
-
-
-def check_tracking(cfg: TrackingConfig, runs_dir: Path) -> None:
-    """Fail in one line if the tracking store cannot be reached; creates nothing."""
-    if not cfg.enabled:
-        return
-    uri = cfg.uri or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
-    try:
-        if uri.startswith(("http://", "https://")):
-            import urllib.request
-
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:  # noqa: S310
-                reply.read()
-        elif uri.startswith("sqlite:///"):
-            folder = Path(uri.removeprefix("sqlite:///")).parent
-            if not folder.is_dir():
-                raise OSError(f"folder {folder} does not exist")
-        elif "://" in uri and not uri.startswith(("file:", "databricks")):
-            from orchestrator.study import check_storage
-
-            check_storage(uri)
-    except UserError as err:
-        raise UserError(f"cannot reach MLflow tracking store {redact(uri)}: "
-                        f"{str(err).split(': ', 1)[-1]}") from None
-    except Exception as err:  # noqa: BLE001 - unreachable server, refused connection, ...
-        raise UserError(f"cannot reach MLflow tracking store {redact(uri)}: "
-                        f"{redact_text(' '.join(str(err).split()))[:200]}") from None
+RUN_STATUS = {State.COMPLETE: "FINISHED", State.PRUNED: "FINISHED", State.FAILED: "FAILED",
+              State.INTERRUPTED: "KILLED", State.RUNNING: "RUNNING", State.WAITING: "SCHEDULED"}
 
 
 class Tracker:
-    """Logs a study to MLflow; a disabled tracker accepts every call and does nothing."""
+    """Logs a study to MLflow (see the module docstring); ``NullTracker`` when tracking is off.
 
-    def __init__(self, cfg: TrackingConfig, runs_dir: Path) -> None:
-        self.enabled = cfg.enabled
-        self.uri = cfg.uri or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
-        self.parent_id: str | None = None
-        self.client = None
-        if not self.enabled:
-            return
+    Args:
+        uri: the tracking URI (None: ``sqlite:///<runs_dir>/mlflow.db``).
+        experiment: the experiment name.
+        runs_dir: the runs folder (a local store keeps its artifacts in ``mlartifacts`` there).
+        model_names: the candidates' names, for method-neutral parameter names.
+    """
+
+    enabled = True
+
+    def __init__(self, uri: str | None, experiment: str, runs_dir: Path, model_names: Sequence[str] = ()) -> None:
         from mlflow import MlflowClient
 
+        self.uri = tracking_uri(uri, runs_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(cfg.experiment, runs_dir)
+        self.local = None if is_remote(self.uri) else LocalArtifacts(runs_dir.resolve() / ARTIFACTS_DIR)
+        self.model_names = list(model_names)
+        self.parent_id: str | None = None
+        self.study: str | None = None
+        self._runs: dict[int, str] = {}  # trial number -> run id, for runs this process opened
+        self.experiment_id = self._experiment(experiment)
 
-    def _experiment(self, name: str, runs_dir: Path) -> str:
+    def _experiment(self, name: str) -> str:
         try:
             exp = self.client.get_experiment_by_name(name)
-            if exp is not None:
-                return exp.experiment_id
-            location = None
-            if not self.uri.startswith(("http://", "https://", "databricks")):
-                location = (runs_dir / "mlartifacts").resolve().as_uri()
-            try:
-                return self.client.create_experiment(name, artifact_location=location)
-            except Exception:  # noqa: BLE001 - another worker created it first
-                exp = self.client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-                return exp.experiment_id
-        except UserError:
-            raise
+            if exp is None:
+                location = artifact_location(name) if self.local else None
+                try:
+                    exp_id = self.client.create_experiment(name, artifact_location=location,
+                                                           tags=dict([EXPERIMENT_KIND]))
+                except Exception:  # noqa: BLE001 - another worker created it first
+                    exp_id = self.client.get_experiment_by_name(name).experiment_id
+                exp = self.client.get_experiment(exp_id)
+            if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+                self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+            return exp.experiment_id
         except Exception as err:  # noqa: BLE001 - unreachable server, bad URI, ...
-            raise UserError(f"cannot reach MLflow tracking store {redact(self.uri)}: "
+            raise UserError(f"cannot reach MLflow tracking store {redact_text(self.uri)}: "
                             f"{' '.join(str(err).split())[:200]}") from None
 
-    # --- study (parent) -------------------------------------------------------------------
-    def start_study(self, study_name: str, params: Mapping[str, Any], artifacts: Mapping[str, Any]) -> str | None:
+    # --- the study's parent run --------------------------------------------------------------
+    def start_study(self, study_name: str, params: Mapping[str, Any], artifacts: Mapping[str, Any]) -> str:
         """Find or create the study's parent run (call under the join lock); log params once."""
-        if not self.enabled:
-            return None
+        self.study = study_name
         existing = self._find_parent(study_name)
         if existing is not None:
             self.parent_id = existing
@@ -125,7 +105,7 @@ class Tracker:
             return self.parent_id
         self.log_params(self.parent_id, params)
         for name, value in artifacts.items():
-            self.log_artifact_data(self.parent_id, name, value)
+            self.log_artifact(self.parent_id, name, value)
         return self.parent_id
 
     def _find_parent(self, study_name: str) -> str | None:
@@ -137,12 +117,12 @@ class Tracker:
         return oldest.info.run_id if oldest else None
 
     def end_study(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.parent_id:
+        if self.parent_id:
             self.client.set_terminated(self.parent_id, status=status)
 
     def children(self, kind: str = "trial") -> list[Any]:
         """All child runs of the parent of one kind (``trial`` or ``baseline``)."""
-        if not (self.enabled and self.parent_id):
+        if not self.parent_id:
             return []
         query = f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{KIND_TAG}` = '{kind}'"
         out, token = [], None
@@ -154,77 +134,124 @@ class Tracker:
             if not token:
                 return out
 
+    # --- trials (TrialListener) -----------------------------------------------------------------
+    def trial_started(self, record: TrialRecord) -> None:
+        self._runs[record.number] = self._open_trial_run(record)
+
+    def trial_rung(self, record: TrialRecord, rung: Rung) -> None:
+        run_id = self._runs.get(record.number)
+        self.log_metrics(run_id, {"rung_score": rung.score, **{f"rung.{k}": v for k, v in rung.components.items()}},
+                         step=rung.n_items)
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        run_id = self._runs.pop(record.number, None)
+        if run_id is None:
+            return
+        self._close_trial_run(run_id, record)
+
+    def _open_trial_run(self, record: TrialRecord) -> str:
+        tags = {"mlflow.parentRunId": self.parent_id, KIND_TAG: "trial", TRIAL_TAG: str(record.number),
+                METHOD_TAG: record.method, STUDY_TAG: self.study}
+        if record.worker:
+            tags[WORKER_TAG] = record.worker
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.number} {record.method}",
+                                     tags=tags)
+        params = {"method": record.method, **record.params, **neutral_params(record.params, self.model_names)}
+        self.log_params(run.info.run_id, params)
+        if record.recipe is not None:
+            import yaml
+
+            self.log_artifact(run.info.run_id, "recipe.yaml", yaml.safe_dump(dict(record.recipe), sort_keys=False))
+        return run.info.run_id
+
+    def _close_trial_run(self, run_id: str, record: TrialRecord) -> None:
+        """The run's final metrics, tags and status from the trial's record."""
+        tags: dict[str, Any] = {STATE_TAG: record.state.value}
+        metrics: dict[str, float | None] = {"merge_s": record.merge_s, "eval_s": record.eval_s}
+        if record.state is State.COMPLETE:
+            last = record.last
+            metrics["score"] = record.value
+            if last is not None:
+                metrics.update({k: v for k, v in last.components.items()}, stderr=last.stderr,
+                               items_per_s=last.n_items / max(record.eval_s or 0, 1e-9) if record.eval_s else None)
+        if record.state is State.PRUNED:
+            tags["mo.pruned_at"] = record.pruned_at
+        if record.duplicate_of is not None:
+            tags["duplicate_of"] = record.duplicate_of
+        if record.reason and record.state is not State.COMPLETE:
+            tags["fail_reason" if record.state in (State.FAILED, State.INTERRUPTED) else "mo.reason"] = record.reason
+        self.log_metrics(run_id, metrics)
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status=RUN_STATUS[record.state])
+
+    def log_baseline(self, name: str, recipe: Mapping[str, Any], rung: Rung) -> None:
+        """A child run for a baseline (a parent model alone, the uniform average)."""
+        run = self.client.create_run(self.experiment_id, run_name=f"baseline:{name}",
+                                     tags={"mlflow.parentRunId": self.parent_id, KIND_TAG: "baseline",
+                                           TRIAL_TAG: "-1", METHOD_TAG: "baseline", STATE_TAG: "complete",
+                                           STUDY_TAG: self.study})
+        self.log_params(run.info.run_id, {"method": recipe.get("merge_method", ""), "baseline": name})
+        self.log_metrics(run.info.run_id, {"score": rung.score, **rung.components})
+        self.client.set_terminated(run.info.run_id, status="FINISHED")
+
+    def logged_baselines(self) -> set[str]:
+        return {r.info.run_name.removeprefix("baseline:") for r in self.children("baseline")}
+
+    # --- runs of trials that ended elsewhere ------------------------------------------------------
     def close_stale_trial(self, trial: Any) -> None:
         """Mark FAILED the run of a killed worker's ``trial`` (now FAIL); make one if it had none.
 
         The run is usually left RUNNING; it is FINISHED when the worker died after closing the
         run but before storing the trial's value, and that value is lost with the worker.
         """
-        if not (self.enabled and self.parent_id):
-            return
-        runs = [r for r in self.children() if r.data.tags.get(TRIAL_TAG) == str(trial.number)]
-        for run in runs or [self._reconstruct(trial)]:
+        number = records.number_of(trial)
+        runs = [r for r in self.children() if r.data.tags.get(TRIAL_TAG) == str(number)]
+        for run in runs or [self._reconstruct(records.load(trial))]:
             if run.info.status != "FAILED":
-                self.set_tags(run.info.run_id, {"mo.stale": "true",
+                self.set_tags(run.info.run_id, {"mo.stale": "true", STATE_TAG: "failed",
                                                 "fail_reason": "worker lost (no heartbeat); trial queued again"})
-                self.end_trial(run.info.run_id, "FAILED")
+                self.client.set_terminated(run.info.run_id, status="FAILED")
 
     def sync_trial(self, trial: Any) -> None:
-        """Give the runs of a finished trial its status (e.g. KILLED after an interrupt)."""
-        self.reconcile([trial], force=True)
+        """Give the run of a finished trial its status (e.g. KILLED after an interrupt)."""
+        self.reconcile([records.load(trial)], force=True)
 
-    def reconcile(self, trials: list[Any], force: bool = False) -> int:
+    def reconcile(self, trial_records: Sequence[TrialRecord], force: bool = False) -> int:
         """Make child runs match finished trials one to one; returns how many runs it fixed.
 
         A finished trial without a run (its worker died or was interrupted between asking for
         it and opening its run) gets one; a run left RUNNING (or, with ``force``, any run whose
         status disagrees) gets the trial's status.
         """
-        if not (self.enabled and self.parent_id):
-            return 0
         by_trial: dict[str, list[Any]] = {}
         for run in self.children():
             by_trial.setdefault(run.data.tags.get(TRIAL_TAG, ""), []).append(run)
         fixed = 0
-        for t in (t for t in trials if t.state.is_finished()):
-            runs = by_trial.get(str(t.number)) or [self._reconstruct(t)]
-            for run in runs:
-                if run.info.status == "RUNNING" or (force and run.info.status != run_status(t)):
-                    self.end_trial(run.info.run_id, run_status(t))
+        for record in (r for r in trial_records if r.state.finished):
+            for run in by_trial.get(str(record.number)) or [self._reconstruct(record)]:
+                if run.info.status == "RUNNING" or (force and run.info.status != RUN_STATUS[record.state]):
+                    self._close_trial_run(run.info.run_id, record)
                     fixed += 1
         return fixed
 
-    def _reconstruct(self, trial: Any) -> Any:
-        run_id = self.start_trial(trial.number, {"method": trial.user_attrs.get("method", ""), **trial.params},
-                                  worker=trial.user_attrs.get("worker"))
-        self.set_tags(run_id, {"mo.reconstructed": "true",
-                               **({"fail_reason": trial.user_attrs["fail_reason"]}
-                                  if "fail_reason" in trial.user_attrs else {})})
+    def _reconstruct(self, record: TrialRecord) -> Any:
+        run_id = self._open_trial_run(record)
+        self.set_tags(run_id, {"mo.reconstructed": "true"})
         return self.client.get_run(run_id)
 
-    # --- trials (children) ----------------------------------------------------------------
-    def start_trial(self, number: int, params: Mapping[str, Any], kind: str = "trial",
-                    name: str | None = None, worker: str | None = None) -> str | None:
-        if not self.enabled:
-            return None
-        tags = {"mlflow.parentRunId": self.parent_id, KIND_TAG: kind, TRIAL_TAG: str(number)}
-        if worker:
-            tags[WORKER_TAG] = worker
-        run = self.client.create_run(self.experiment_id, run_name=name or f"trial-{number}", tags=tags)
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
-
-    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
-        if not (self.enabled and run_id):
+    # --- plain logging --------------------------------------------------------------------------
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        if not run_id:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(run_id, metrics=batch)
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
-        if not (self.enabled and run_id):
+        if not run_id:
             return
         from mlflow.entities import Param
 
@@ -233,33 +260,86 @@ class Tracker:
             self.client.log_batch(run_id, params=flat[i:i + 100])
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
-        if self.enabled and run_id:
+        if run_id:
             for k, v in tags.items():
-                self.client.set_tag(run_id, k, redact_text(str(v))[:5000])
+                if v is not None:
+                    self.client.set_tag(run_id, k, redact_text(str(v))[:5000])
 
-    def log_artifact_data(self, run_id: str | None, name: str, value: Any) -> None:
-        """Log text (``.yaml``/``.md``/``.txt``), a dict (``.json``) or a file path."""
-        if not (self.enabled and run_id):
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    def log_artifact(self, run_id: str | None, name: str, value: Any) -> None:
+        """Log text (``.yaml``/``.md``/``.html``...), a dict (``.json``), a file or a folder (Path)."""
+        if not run_id:
             return
-        if isinstance(value, Path):
-            self.client.log_artifact(run_id, str(value))
+        uri = self.artifact_uri(run_id)
+        if isinstance(value, str):
+            value = redact_text(value)
+        elif not isinstance(value, Path):
+            value = json.loads(redact_text(json.dumps(value, default=str)))
+        if self.local is not None and uri.startswith(PROXY_SCHEME):
+            (self.local.copy if isinstance(value, Path) else
+             self.local.write_text if isinstance(value, str) else self.local.write_json)(uri, name, value)
+        elif isinstance(value, Path):
+            parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
+            (self.client.log_artifacts if value.is_dir() else self.client.log_artifact)(
+                run_id, str(value), *([name] if value.is_dir() else [parent]))
         elif isinstance(value, str):
-            self.client.log_text(run_id, redact_text(value), name)
+            self.client.log_text(run_id, value, name)
         else:
-            self.client.log_dict(run_id, json.loads(redact_text(json.dumps(value, default=str))), name)
+            self.client.log_dict(run_id, value, name)
 
     def log_figure(self, run_id: str | None, figure: Any, name: str) -> None:
-        import warnings
+        """A matplotlib figure as an image, saved with a tight bounding box (no label cut off)."""
+        if not run_id:
+            return
+        uri = self.artifact_uri(run_id)
+        if self.local is not None and uri.startswith(PROXY_SCHEME):
+            self.local.write_figure(uri, name, figure)
+        else:
+            import tempfile
 
-        if self.enabled and run_id:
-            with warnings.catch_warnings():  # Optuna's plots ask for a tight layout that long labels defeat
-                warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
-                self.client.log_figure(run_id, figure, name)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(name).name
+                figure.savefig(path, bbox_inches="tight", dpi=110)
+                parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
+                self.client.log_artifact(run_id, str(path), parent)
 
-    def end_trial(self, run_id: str | None, status: str) -> None:
-        """status: FINISHED (complete), KILLED (pruned or interrupted), FAILED."""
-        if self.enabled and run_id:
-            self.client.set_terminated(run_id, status=status)
+
+class NullTracker:
+    """Tracking off: every call is accepted and does nothing."""
+
+    enabled = False
+    parent_id = None
+    uri = None
+
+    def __getattr__(self, name: str) -> Any:
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> Any:
+    return None
+
+
+def neutral_params(params: Mapping[str, Any], model_names: Sequence[str]) -> dict[str, Any]:
+    """Optuna's method-prefixed names as names every method shares.
+
+    ``ties.knowledge.weight`` -> ``weight.knowledge``; ``ties.lambda`` -> ``lambda``;
+    gradient points keep their index (``ties.knowledge.weight.0`` -> ``weight.knowledge.0``).
+    So parallel coordinates and scatter plots compare one parameter across methods.
+    """
+    names = set(model_names)
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        if key == "method" or len(parts) < 2:
+            continue
+        rest = parts[1:]
+        if len(rest) >= 2 and rest[0] in names:  # per model: model.param[.i]
+            out[".".join([rest[1], rest[0], *rest[2:]])] = value
+        else:
+            out[".".join(rest)] = value
+    return out
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -277,25 +357,3 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _param_text(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return redact_text(text)[:MAX_PARAM_LEN]
-
-
-def git_commit(repo: Path) -> str:
-    """The checkout's commit (with ``-dirty``), or ``unknown`` outside git."""
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "lm_eval", "optuna", "mlflow", "hydra-core", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
