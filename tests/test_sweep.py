@@ -25,6 +25,14 @@ def sweep_config(micro_zoo: Path, runs: Path, *extra: str):
     return load_config(overrides), overrides
 
 
+def study_trials(runs: Path, name: str) -> list:
+    """Every Optuna trial of a study: its home study and, in a fair comparison, each method's."""
+    storage = f"sqlite:///{runs / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)
+             if s.study_name == name or s.study_name.startswith(f"{name}/")]
+    return [t for n in names for t in optuna.load_study(study_name=n, storage=storage).trials]
+
+
 def mlflow_runs(runs: Path):
     from mlflow import MlflowClient
 
@@ -43,19 +51,22 @@ def first_sweep(micro_zoo, tmp_path_factory):
 
 def test_trials_are_in_optuna_and_mlflow(first_sweep):
     runs, outcome = first_sweep
-    study = optuna.load_study(study_name="debug", storage=f"sqlite:///{runs / 'optuna.db'}")
-    finished = [t for t in study.trials if t.state.is_finished()]
+    finished = [t for t in study_trials(runs, "debug") if t.state.is_finished()]
     assert len(finished) == 8
     all_runs = mlflow_runs(runs)
     parents = [r for r in all_runs if r.data.tags.get("mo.kind") == "study"]
     children = [r for r in all_runs if r.data.tags.get("mo.kind") == "trial"]
     assert len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
-    assert sorted(int(r.data.tags["mo.trial"]) for r in children) == sorted(t.number for t in finished)
-    states = {int(r.data.tags["mo.trial"]): r.info.status for r in children}
-    for t in finished:
-        want = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[t.state.name]
-        assert states[t.number] == want, t.number
+    numbers = [records.load(t).number for t in finished]
+    assert sorted(int(r.data.tags["mo.trial"]) for r in children) == sorted(numbers)
+    states = {int(r.data.tags["mo.trial"]): r for r in children}
+    for t, number in zip(finished, numbers):
+        want = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}[t.state.name]
+        run = states[number]
+        assert run.info.status == want, number
+        assert run.data.tags["mo.state"] == records.load(t).state.value
+        assert ("score" in run.data.metrics) == (t.state.name == "COMPLETE")  # never a partial score
     complete = next(r for r in children if r.info.status == "FINISHED")
     assert "score" in complete.data.metrics and "merge_s" in complete.data.metrics
     assert parents[0].data.params["config.study.name"] == "debug"
@@ -73,7 +84,7 @@ def test_best_folder_loads_and_reproduces_its_score(first_sweep):
     cfg = load_config(["experiment=debug"])
     fresh = ResidentEvaluator(outcome.best_dir, eval_spec(cfg))
     confirm = fresh.evaluate("confirm")
-    assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
+    assert confirm.score == pytest.approx(scores["confirm"]["seed_score"], abs=1e-9)
     assert (outcome.best_dir / "mergekit_config.yml").is_file()
     assert "Scores (merge-orchestrator)" in (outcome.best_dir / "README.md").read_text()
 
@@ -88,12 +99,12 @@ def test_table_has_baselines_and_best_per_method(first_sweep):
 
 def test_same_study_name_resumes_and_pruning_happens(first_sweep, micro_zoo):
     runs, _ = first_sweep
-    cfg, overrides = sweep_config(micro_zoo, runs, "study.n_trials=12", "method=compare",
-                                  "study.pruner.reduction_factor=2")
+    # Pruning compares trials of one method: 12 trials over 5 methods need an early start.
+    cfg, overrides = sweep_config(micro_zoo, runs, "study.n_trials=16", "method=compare",
+                                  "study.pruner.reduction_factor=2", "study.pruner.n_startup_trials=1")
     run_sweep(cfg, overrides)
-    study = optuna.load_study(study_name="debug", storage=f"sqlite:///{runs / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    assert len(states) == 12
+    states = [t.state for t in study_trials(runs, "debug")]
+    assert len(states) == 16
     assert optuna.trial.TrialState.PRUNED in states
     parents = [r for r in mlflow_runs(runs) if r.data.tags.get("mo.kind") == "study"]
     assert len(parents) == 1
@@ -113,15 +124,15 @@ def test_failing_trials_do_not_stop_the_study(micro_zoo, tmp_path, monkeypatch):
                                   "method.methods=[linear,task_arithmetic]", "study.pruner.name=none",
                                   "study.baselines=false", "study.name=failing")
     outcome = run_sweep(cfg, overrides)
-    study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
-    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    trials = study_trials(tmp_path / "runs", "failing")
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed and all(records.load(t).reason for t in failed)
-    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert len(study.trials) == 6  # failed trials count toward n_trials (they are not retried)
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len(trials) == 6  # failed trials count toward n_trials (they are not retried)
     assert outcome.best is not None and outcome.best.method == "task_arithmetic"
     runs = {int(r.data.tags["mo.trial"]): r.info.status for r in mlflow_runs(tmp_path / "runs")
             if r.data.tags.get("mo.kind") == "trial"}
-    assert all(runs[t.number] == "FAILED" for t in failed)
+    assert all(runs[records.load(t).number] == "FAILED" for t in failed)
 
 
 def test_cli_bad_override_is_one_line_exit_2(tmp_path):
@@ -188,8 +199,7 @@ def test_adapter_sweep_rewrites_adapted_parameters_and_saves_the_same_merge(micr
     scores = json.loads((outcome.best_dir / "scores.json").read_text())
     cfg = load_config(overrides)
     confirm = ResidentEvaluator(outcome.best_dir, eval_spec(cfg)).evaluate("confirm")
-    assert confirm.score == pytest.approx(scores["confirm"]["score"], abs=1e-9)
-    assert confirm.score == pytest.approx(outcome.best.confirm, abs=1e-9)
+    assert confirm.score == pytest.approx(scores["confirm"]["seed_score"], abs=1e-9)
 
 
 def test_demo_lora_best_beats_each_single_adapter(tmp_path):
@@ -201,9 +211,9 @@ def test_demo_lora_best_beats_each_single_adapter(tmp_path):
     out = io.StringIO()
     outcome = run_sweep(load_config(overrides), overrides, out=out)
     assert "adapter sweep: each trial rewrites the 21 adapted parameters only" in out.getvalue()
-    singles = {r.name: r.confirm for r in outcome.rows if r.name.startswith("parent:")}
+    singles = {r.name: r.confirm.score for r in outcome.rows if r.name.startswith("parent:")}
     assert set(singles) == {"parent:lora_knowledge", "parent:lora_commonsense"}
-    assert outcome.best.confirm > max(singles.values()) + 0.05, (outcome.best.confirm, singles)
+    assert outcome.best.confirm.score > max(singles.values()) + 0.05, (outcome.best.confirm.score, singles)
     assert all("+" in m["model"] and m["model"].startswith(str(runs / "zoo" / "base"))
                for m in outcome.best.recipe["models"])
     assert (outcome.best_dir / "model.safetensors").is_file()

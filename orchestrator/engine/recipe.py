@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, yaml_error
 
 Scalar = bool | int | float | str
 Value = Scalar | tuple  # a scalar or a gradient (tuple of scalars)
@@ -151,12 +151,12 @@ class Recipe:
         return recipe
 
     @classmethod
-    def from_yaml(cls, text: str, source_dir: str | Path | None = None) -> Recipe:
-        """Parse YAML text (one document)."""
+    def from_yaml(cls, text: str, source_dir: str | Path | None = None, where: str = "recipe") -> Recipe:
+        """Parse YAML text (one document); ``where`` names it in errors (the file)."""
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise UserError(f"recipe is not valid YAML: {' '.join(str(err).split())}") from None
+            raise yaml_error(where, err, text) from None
         return cls.from_dict(data if data is not None else {}, source_dir)
 
     # -- dumping ---------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot read recipe {path}: {err.strerror or err}") from None
-    return Recipe.from_yaml(text, source_dir=path.absolute().parent)
+    return Recipe.from_yaml(text, source_dir=path.absolute().parent, where=str(path))
 
 
 # -- evaluation of settings -----------------------------------------------------------------

@@ -36,6 +36,14 @@ def scores_json(study: str, best: Row, seed: int | None, folder: str, summary: M
             "confirm": {"score": best.confirm.score if best.confirm else None,
                         "stderr": best.confirm.stderr if best.confirm else None,
                         "components": dict(best.confirm.components) if best.confirm else {},
-                        "ci95": list(best.interval) if best.interval else None},
+                        "ci95": list(best.interval) if best.interval else None,
+                        "seed_score": _seed_score(best, seed)},
             "recipe": dict(best.recipe), "verdict": summary["verdict"],
             "beats_best_parent_on_confirm": summary["best"]["beats_best_parent_on_confirm"]}
+
+
+def _seed_score(best: Row, seed: int | None) -> float | None:
+    """The confirm score of the seed saved in the folder (what the folder itself scores)."""
+    if best.confirm is None or seed not in best.confirm.seeds:
+        return best.confirm.score if best.confirm else None
+    return best.confirm.per_seed[best.confirm.seeds.index(seed)]

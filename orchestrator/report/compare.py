@@ -40,10 +40,24 @@ class Row:
     search_se: float
     search_components: Mapping[str, float] = field(default_factory=dict)
     trial: int | None = None
+    confirm_key: str | None = None
     confirm: ConfirmResult | None = None
     interval: tuple[float, float] | None = None
     vs: dict[str, stats.PairedComparison] = field(default_factory=dict)
     p_holm: dict[str, float] = field(default_factory=dict)
+
+    def stored(self) -> dict[str, Any]:
+        """What the study keeps of the row to rebuild it later (the confirm result is kept apart)."""
+        return {"name": self.name, "method": self.method, "recipe": dict(self.recipe), "search": self.search,
+                "search_se": None if math.isnan(self.search_se) else self.search_se,
+                "search_components": dict(self.search_components), "trial": self.trial,
+                "confirm_key": self.confirm_key}
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any], confirm: ConfirmResult | None) -> Row:
+        se = data.get("search_se")
+        return cls(data["name"], data["method"], data["recipe"], data["search"], math.nan if se is None else se,
+                   dict(data.get("search_components") or {}), data.get("trial"), data.get("confirm_key"), confirm)
 
     @property
     def is_baseline(self) -> bool:

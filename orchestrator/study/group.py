@@ -157,3 +157,18 @@ def open_group(name: str, methods: Sequence[str], compare: str, open_study: Any,
     home = open_study(name, None, False)
     members = {m: open_study(member_name(name, m), m, True) for m in keys}
     return StudyGroup(name, home, members, dict(caps or {}))
+
+
+def load_group(storage: Any, name: str) -> StudyGroup:
+    """An existing study, read from its storage (its home study and any per-method studies).
+
+    Raises:
+        KeyError: no study of that name in the storage.
+    """
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        raise KeyError(name)
+    home = optuna.load_study(study_name=name, storage=storage)
+    prefix = f"{name}/"
+    members = {n[len(prefix):]: optuna.load_study(study_name=n, storage=storage) for n in names if n.startswith(prefix)}
+    return StudyGroup(name, home, members or {None: home})

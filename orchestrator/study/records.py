@@ -285,6 +285,17 @@ class StudyNotes:
         self.home.set_user_attr(self.FINAL, state)
         return True
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows of the study's last conclusion (``set_rows``), for ``compare`` and ``export``."""
+        return list(self._get("mo.rows", []))
+
+    def set_rows(self, rows: Sequence[Mapping[str, Any]], best_seed: int | None) -> None:
+        self.home.set_user_attr("mo.rows", [dict(r) for r in rows])
+        self.home.set_user_attr("mo.best_seed", best_seed)
+
+    def best_seed(self) -> int | None:
+        return self._get("mo.best_seed")
+
     def confirmed(self, key: str) -> ConfirmResult | None:
         data = self._get(f"mo.confirm.{key}")
         if data is None:

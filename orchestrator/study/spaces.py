@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, yaml_error
 from orchestrator.merge import MergeMethod, get_method
 from orchestrator.study.options import close_matches
 
@@ -218,10 +218,11 @@ def load_space(path: str | Path, method: str | None = None) -> MethodSpace:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"search space file not found: {path}")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise yaml_error(str(path), err, text) from None
     return parse_space(data or {}, str(path), method)
 
 

@@ -101,7 +101,7 @@ def confirm_rows(rows: Sequence[Row], resident: Resident, notes: StudyNotes, see
         if result is None:
             result = resident.confirm(row.recipe, seeds)
             notes.set_confirmed(key, result)
-        row.confirm = result
+        row.confirm, row.confirm_key = result, key
         spread = f" (mean of {len(seeds)} seeds, sd {row.spread:.4f})" if len(seeds) > 1 else ""
         say(f"confirm {row.name:<24} {result.score:.4f}{spread}")
 
@@ -183,9 +183,9 @@ def conclude(cfg: SweepConfig, setup: Setup, session: Any, resident: Resident, s
     rows = baselines + best_rows(records, list(setup.spaces), cfg.study.multi_objective)
     confirm_rows(rows, resident, group.notes, cfg.study.seed, cfg.eval.confirm_seeds, say)
     compare(rows, {t.name: t.weight for t in setup.spec.tasks}, seed=cfg.study.seed)
-    trials = [r for r in rows if r.trial is not None]
-    best = max(trials, key=lambda r: r.search) if trials else None
+    best = best_of(rows)
     seed = closest_seed(best) if best else None
+    group.notes.set_rows([r.stored() for r in rows], seed)
     out_dir = setup.runs_dir / cfg.study.name / "best"
     saving = best is not None and cfg.study.save_best
     data = summary(cfg.study.name, rows, records, best, seed, shown_path(out_dir) if saving else None)
@@ -214,3 +214,15 @@ def conclude(cfg: SweepConfig, setup: Setup, session: Any, resident: Resident, s
     say(table)
     say(data["verdict"])
     return {"rows": rows, "best": best, "best_dir": best_dir, "summary": data, "registered": registered}
+
+
+def stored_rows(notes: StudyNotes) -> list[Row]:
+    """The rows of the study's last conclusion, with their confirm results (no model needed)."""
+    return [Row.from_stored(data, notes.confirmed(data["confirm_key"]) if data.get("confirm_key") else None)
+            for data in notes.rows()]
+
+
+def best_of(rows: Sequence[Row]) -> Row | None:
+    """The best merge: the trial row with the best search score."""
+    trials = [r for r in rows if r.trial is not None]
+    return max(trials, key=lambda r: r.search) if trials else None
