@@ -54,7 +54,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.engine.weights import parse_size, save_state_dict  # noqa: E402
+from orchestrator.engine.weights import parse_size  # noqa: E402
+from orchestrator.engine.writing import save_state_dict  # noqa: E402
 
 VOCAB = 32000
 LAYERS = 12

@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator.engine import open_models
 from orchestrator.errors import UserError
-from orchestrator.engine.plan import build_plan, check_recipe
+from orchestrator.engine.plan import build_plan
+from orchestrator.engine.validate import check_recipe
 from orchestrator.engine.recipe import (
     MISSING,
     Conditional,

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.engine.plan import check_recipe
+from orchestrator.engine.validate import check_recipe
 from orchestrator.engine.recipe import Recipe
 from orchestrator.study.candidates import Candidates, recipe_builder
 from orchestrator.study.objective import Objective

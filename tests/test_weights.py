@@ -10,16 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import UserError
-from orchestrator.engine.weights import (
-    SAFE_INDEX,
-    ModelWeights,
-    ShardedWriter,
-    copy_tokenizer,
-    parse_size,
-    save_state_dict,
-    staged_output,
-    write_config,
-)
+from orchestrator.engine.weights import SAFE_INDEX, ModelWeights, parse_size
+from orchestrator.engine.writing import ShardedWriter, copy_tokenizer, save_state_dict, staged_output, write_config
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:

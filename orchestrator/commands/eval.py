@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from orchestrator.errors import UserError
+from orchestrator.evaluation import lm_eval_compat
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -143,8 +144,6 @@ def quiet() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from orchestrator.evaluation import lm_eval_compat
-
     lm_eval_compat.quiet()
 
 

@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.engine.streaming import merge_to_disk
-    from orchestrator.engine.weights import check_output_dir
+    from orchestrator.engine.writing import check_output_dir
     from orchestrator.study.records import State
     from orchestrator.sweep.finish import best_of, stored_rows
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator.engine.recipe import load_recipe
+from orchestrator.errors import UserError
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the merge command's arguments."""
@@ -30,8 +33,6 @@ def run(args: argparse.Namespace) -> int:
     """Merge, then print a one-line summary (tensors, seconds, output size)."""
     from orchestrator.engine.adapter_output import uses_adapter_keys
     from orchestrator.engine.streaming import merge_to_disk
-    from orchestrator.errors import UserError
-    from orchestrator.engine.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.adapter:
@@ -53,8 +54,6 @@ def _adapter(recipe, args: argparse.Namespace) -> int:
     from orchestrator.engine.adapter_output import write_combined_adapter
 
     if args.device != "cpu" or args.allow_pickle or args.shard_size != "5GB":
-        from orchestrator.errors import UserError
-
         raise UserError("--adapter takes no --device, --allow-pickle or --shard-size (adapters are small "
                         "and merged on cpu)")
     result = write_combined_adapter(recipe, args.out_dir, seed=args.seed, overwrite=args.overwrite)

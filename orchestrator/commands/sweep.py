@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.errors import UserError
+from orchestrator.config import load_config
+from orchestrator.errors import UserError, redact_text
 
 MULTIRUN = ("-m", "--multirun")
 
@@ -31,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from orchestrator.config import load_config
-    from orchestrator.errors import redact_text
     from orchestrator.sweep.run import run_sweep
 
     cfg = load_config(args.overrides, args.config_dir)

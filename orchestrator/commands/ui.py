@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from orchestrator.errors import UserError
+from orchestrator.tracking.ui import server_command, study_url
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.tracking.ui import server_command, study_url
-
     runs_dir = Path(args.runs_dir)
     db = runs_dir / "mlflow.db"
     if not db.is_file():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.zoo.build import build_zoo
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the zoo command's options."""
@@ -18,8 +20,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the zoo and print its score table."""
-    from orchestrator.zoo.build import build_zoo
-
     out = args.out or ("runs/zoo-micro" if args.micro else "runs/zoo")
     build_zoo(out, seed=args.seed, micro=args.micro, force=args.force)
     return 0

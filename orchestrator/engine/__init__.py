@@ -23,7 +23,7 @@ from typing import Any
 
 _EXPORTS = {
     "Recipe": "recipe", "load_recipe": "recipe",
-    "MergePlan": "plan", "build_plan": "plan", "check_recipe": "plan",
+    "MergePlan": "plan", "build_plan": "plan", "check_recipe": "validate",
     "ModelWeights": "weights", "resolve_model_path": "weights", "is_model_folder": "weights",
     "as_recipe": "sources", "open_models": "sources", "resolve_reference": "sources",
     "prepare": "sources",

@@ -27,7 +27,8 @@ from typing import Any
 
 from orchestrator.engine.sources import as_recipe, resolve_reference
 from orchestrator.engine.recipe import Recipe
-from orchestrator.engine.weights import ModelWeights, check_output_dir, resolve_model_path, staged_output
+from orchestrator.engine.weights import ModelWeights, resolve_model_path
+from orchestrator.engine.writing import check_output_dir, staged_output
 from orchestrator.errors import UserError
 from orchestrator.lora import combine_adapters, is_adapter_folder, load_adapter, save_adapter
 

@@ -16,7 +16,8 @@ import torch
 
 from orchestrator.engine.compute import CachedReader, cast, compute_tensor
 from orchestrator.engine.devices import resolve_device
-from orchestrator.engine.plan import MergePlan, TensorTask, build_plan, check_recipe
+from orchestrator.engine.plan import MergePlan, TensorTask, build_plan
+from orchestrator.engine.validate import check_recipe
 from orchestrator.engine.recipe import Recipe
 from orchestrator.engine.sources import as_recipe, close_all, open_models
 from orchestrator.errors import UserError

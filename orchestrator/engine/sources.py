@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.engine.plan import MergePlan, build_plan, check_recipe
+from orchestrator.engine.plan import MergePlan, build_plan
+from orchestrator.engine.validate import check_recipe
 from orchestrator.engine.recipe import Recipe, load_recipe
 from orchestrator.engine.weights import ModelWeights, resolve_model_path
 from orchestrator.errors import UserError

@@ -24,14 +24,12 @@ from orchestrator.engine.modelcard import render_model_card
 from orchestrator.engine.plan import MergePlan
 from orchestrator.engine.recipe import Recipe
 from orchestrator.engine.sources import as_recipe, close_all, prepare
-from orchestrator.engine.weights import (
-    ModelWeights,
+from orchestrator.engine.weights import ModelWeights, folder_bytes, parse_size
+from orchestrator.engine.writing import (
     ShardedWriter,
     check_output_dir,
     copy_generation_config,
     copy_tokenizer,
-    folder_bytes,
-    parse_size,
     staged_output,
     write_config,
 )

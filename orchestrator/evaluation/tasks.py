@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UserError
+from orchestrator import zoo
 from orchestrator.evaluation import lm_eval_compat as compat
 
 if TYPE_CHECKING:
@@ -99,8 +100,6 @@ def include_paths(extra: tuple[str, ...] | list[str] = ()) -> list[Path]:
 
 
 def _zoo_tasks_dir() -> Path | None:
-    from orchestrator import zoo
-
     tasks_dir = getattr(zoo, "TASKS_DIR", None)
     return Path(tasks_dir) if tasks_dir is not None and Path(tasks_dir).is_dir() else None
 

@@ -21,7 +21,7 @@ from orchestrator.config import SweepConfig
 from orchestrator.engine.streaming import merge_to_disk
 from orchestrator.merge import get_method
 from orchestrator.report import card, plots
-from orchestrator.report.compare import BASELINE, Row, compare, method_counts, verdict
+from orchestrator.report.compare import BASELINE, Row, compare, method_counts
 from orchestrator.report.html import report_html
 from orchestrator.report.summary import confirm_items_csv, summary, trials_csv
 from orchestrator.report.table import LEGEND, format_table

@@ -1,6 +1,6 @@
 """The demo zoo: tiny expert models and local MMLU/HellaSwag-format benchmark tasks.
 
-Importing this package is cheap (no torch); the builder lives in ``orchestrator.zoo.build``.
+Importing this package is cheap (no torch); the builder is ``orchestrator.zoo.build.build_zoo``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,3 @@ def default_adapter_paths(zoo_dir: str | Path = DEFAULT_ZOO_DIR) -> dict[str, Pa
     """
     return {name: Path(zoo_dir) / name for name in ADAPTER_NAMES}
 
-
-def build_zoo(out: str | Path = DEFAULT_ZOO_DIR, **kwargs) -> Path:
-    """Return a valid zoo at ``out`` (see ``orchestrator.zoo.build.build_zoo``; imports torch)."""
-    from orchestrator.zoo.build import build_zoo as _build
-
-    return _build(out, **kwargs)

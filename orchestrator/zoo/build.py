@@ -27,7 +27,10 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.zoo import ADAPTER_NAMES, MODEL_NAMES, TASKS_DIR
+from orchestrator.zoo.corpus import make_tokenizer
+from orchestrator.zoo.score import score_zoo_entry
 from orchestrator.zoo.taskdata import data_digest, write_task_data
+from orchestrator.zoo.world import build_world
 
 BUILDER_VERSION = "2"  # 2: LoRA adapters lora_knowledge, lora_commonsense
 COMMITTED_ZOO = Path(__file__).resolve().parents[2] / "demo_zoo"
@@ -96,7 +99,6 @@ def one_thread():
 
 def _train_and_score(tmp: Path, profile: str, seed: int, workers: int, log) -> dict:
     """Train every model and adapter into ``tmp`` and score it; returns the zoo.json content."""
-    from orchestrator.zoo.score import score_zoo_entry
     from orchestrator.zoo.train import train_zoo_model
 
     names = MODEL_NAMES + ADAPTER_NAMES
@@ -130,9 +132,6 @@ def _worker_init() -> None:
 
 def _train_zoo(out: Path, want: dict, workers: int, log) -> None:
     """Train a fresh zoo and move it into ``out``."""
-    from orchestrator.zoo.corpus import make_tokenizer
-    from orchestrator.zoo.world import build_world
-
     start = time.perf_counter()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

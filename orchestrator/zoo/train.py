@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from orchestrator.zoo import ADAPTER_NAMES, MODEL_NAMES
+from orchestrator.zoo.corpus import mixture
+from orchestrator.zoo.world import build_world
 
 ALL_NAMES = MODEL_NAMES + ADAPTER_NAMES
 """Every trained folder of a zoo; a name's index here offsets its training seed."""
@@ -163,9 +165,6 @@ def train_zoo_model(name: str, zoo_dir: Path, profile_name: str, seed: int) -> d
     (the builder's workers do; see ``build.one_thread``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from orchestrator.zoo.corpus import mixture
-    from orchestrator.zoo.world import build_world
 
     start = time.perf_counter()
     profile = PROFILES[profile_name]
