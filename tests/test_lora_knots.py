@@ -113,3 +113,42 @@ def test_refusals_are_user_errors(call, message):
     bs, as_, _ = factors(6, 4, [2, 2])
     with pytest.raises(UserError, match=message):
         call(bs, as_)
+
+
+def test_merge_adapter_with_knots_writes_the_knots_merge(lora_zoo, tmp_path):
+    """``merge --adapter`` with ``knots: true``: the combined adapter's update is the KnOTS merge."""
+    import yaml
+
+    from orchestrator.cli import main
+    from orchestrator.lora import load_adapter
+    from orchestrator.lora.combine import knots_deltas
+
+    recipe = {"merge_method": "ties", "base_model": str(lora_zoo["base"]),
+              "models": [{"model": str(lora_zoo[n]), "parameters": {"weight": w, "density": 0.5}}
+                         for n, w in (("ad1", 1.0), ("ad3", 0.7))],
+              "parameters": {"knots": True}}
+    path = tmp_path / "knots.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--adapter", "--quiet"]) == 0
+    written = load_adapter(tmp_path / "out")
+    adapters = [load_adapter(lora_zoo[n]) for n in ("ad1", "ad3")]
+    want = knots_deltas(adapters, "ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.5}])
+    got = written.deltas()
+    assert set(got) == set(want)
+    for name, delta in want.items():
+        torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4)
+    plain = knots_deltas(adapters, "task_arithmetic", [{"weight": 1.0}, {"weight": 0.7}])
+    assert any(not torch.allclose(plain[n], want[n], atol=1e-6) for n in want)  # ties acted in the shared basis
+
+
+def test_knots_refuses_combinations_it_does_not_apply_to(lora_zoo, tmp_path, capsys):
+    import yaml
+
+    from orchestrator.cli import main
+
+    recipe = {"merge_method": "cat", "base_model": str(lora_zoo["base"]),
+              "models": [{"model": str(lora_zoo["ad1"]), "parameters": {"weight": 1.0}}], "parameters": {"knots": True}}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "out"), "--adapter"]) == 2
+    assert "does not apply to cat" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,7 @@
 
 A recipe whose models are all PEFT LoRA adapters on one base (bare adapter folders on
 ``base_model``, or ``base_model+adapter``) can be written as a single adapter instead of a
-full model. Two keys of ``parameters`` belong to this mode and are taken out before the
+full model. Three keys of ``parameters`` belong to this mode and are taken out before the
 method sees the rest:
 
 - ``rank``: the rank of the result for ``svd`` and for engine methods (truncated by SVD;
@@ -10,7 +10,10 @@ method sees the rest:
 - ``peft_compatible: true``: reproduce PEFT's ``add_weighted_adapter`` for the combination
   type named by ``merge_method`` (linear, cat, svd, ties, dare_linear, dare_ties,
   magnitude_prune and their ``_svd`` forms); the remaining ``parameters`` are its keyword
-  arguments (``density``, ``majority_sign_method``, ``svd_rank``...).
+  arguments (``density``, ``majority_sign_method``, ``svd_rank``...);
+- ``knots: true``: align each module's updates in their joint SVD basis and merge them there
+  with ``merge_method`` (KnOTS, Stoica et al. 2024, arXiv 2410.19735), then truncate to
+  ``rank``: TIES and DARE then trim and elect signs on shared directions, not raw entries.
 
 Otherwise ``merge_method`` is ``cat`` (exact, rank r1+r2+...), ``svd``, or any engine method
 that merges updates (task_arithmetic, ties, dare_*, della*, breadcrumbs*, linear), applied to
@@ -32,7 +35,7 @@ from orchestrator.engine.writing import check_output_dir, staged_output
 from orchestrator.errors import UserError
 from orchestrator.lora import combine_adapters, is_adapter_folder, load_adapter, save_adapter
 
-ADAPTER_KEYS = ("rank", "peft_compatible")
+ADAPTER_KEYS = ("rank", "peft_compatible", "knots")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class AdapterJob:
     params: dict[str, Any] = field(default_factory=dict)
     rank: int | None = None
     peft_compatible: bool = False
+    knots: bool = False
 
 
 def uses_adapter_keys(recipe: Recipe) -> bool:
@@ -66,11 +70,15 @@ def adapter_job(recipe: Recipe) -> AdapterJob:
     if recipe.slices:
         raise UserError("a combined adapter is made from models:, not slices")
     params = {k: _plain(v, f"parameters.{k}") for k, v in recipe.parameters.items()}
-    rank, peft = params.pop("rank", None), params.pop("peft_compatible", False)
+    rank, peft, knots = params.pop("rank", None), params.pop("peft_compatible", False), params.pop("knots", False)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"parameters.rank must be a positive integer, got {rank!r}")
-    if not isinstance(peft, bool):
-        raise UserError(f"parameters.peft_compatible must be true or false, got {peft!r}")
+    for key, value in (("peft_compatible", peft), ("knots", knots)):
+        if not isinstance(value, bool):
+            raise UserError(f"parameters.{key} must be true or false, got {value!r}")
+    if knots and (peft or recipe.merge_method in ("cat", "svd")):
+        raise UserError(f"parameters.knots aligns adapters before an update-merging method; it does not apply "
+                        f"to {'peft_compatible' if peft else recipe.merge_method}")
     base = recipe.base_model
     if base is not None and "+" in base:
         raise UserError(f"base_model '{base}' must be a plain model folder")
@@ -94,7 +102,7 @@ def adapter_job(recipe: Recipe) -> AdapterJob:
         raise UserError("a combined adapter needs base_model: the model the adapters were trained on")
     model_params = tuple({k: _plain(v, f"models[{i}].parameters.{k}") for k, v in e.parameters.items()}
                          for i, e in enumerate(recipe.models))
-    return AdapterJob(base, base_dir, tuple(adapters), recipe.merge_method, model_params, params, rank, peft)
+    return AdapterJob(base, base_dir, tuple(adapters), recipe.merge_method, model_params, params, rank, peft, knots)
 
 
 @dataclass
@@ -125,7 +133,7 @@ def write_combined_adapter(recipe: Recipe | Mapping[str, Any], out_dir: str | Pa
     adapters = [load_adapter(p).for_base(shapes) for p in job.adapters]
     combined = combine_adapters(adapters, job.method, list(job.model_params), job.params or None,
                                 seed=seed, rank=job.rank, peft_compatible=job.peft_compatible,
-                                name=out.name)
+                                name=out.name, knots=job.knots)
     with staged_output(out, overwrite) as stage:
         save_adapter(combined, stage, base_model_name_or_path=job.base, overwrite=True)
         (stage / "mergekit_config.yml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from orchestrator.errors import UserError
 from orchestrator.lora.adapter import Adapter, LoraModule, natural_key
+from orchestrator.lora.knots import knots_merge
 from orchestrator.lora.save import make_config, with_config
 from orchestrator.merge.seeding import make_generator
 
@@ -260,16 +261,39 @@ def merge_adapters(adapters: Sequence[Adapter], method: str, model_params: Seque
     return merge_deltas(adapters, method, model_params, params, seed=seed, base=base)
 
 
+def knots_deltas(adapters: Sequence[Adapter], method: str, model_params: Sequence[Any],
+                 params: Any = None, *, seed: int = 0) -> dict[str, Tensor]:
+    """The merged update of every targeted parameter, each module merged KnOTS-style.
+
+    The updates of one module are expressed in their joint SVD basis and ``method`` merges the
+    coefficients there (``knots.knots_merge``); adapters that do not target a module take no
+    part in its merge. Random methods get the engine's per-parameter generator.
+    """
+    spec = delta_method(method)
+    out: dict[str, Tensor] = {}
+    for param in union_params(adapters):
+        idx = [i for i, a in enumerate(adapters) if param in a.modules]
+        mods = [adapters[i].modules[param] for i in idx]
+        gen = param_generator(seed, param, mods[0].a.device) if spec.random else None
+        merged = knots_merge([m.b.float() for m in mods], [m.a.float() for m in mods], [m.scaling for m in mods],
+                             spec, [model_params[i] for i in idx], params, generator=gen)  # (out, in)
+        out[param] = merged.T.contiguous() if mods[0].transposed else merged
+    return out
+
+
 def combine_adapters(adapters: Sequence[Adapter], method: str, model_params: Sequence[Any],
                      params: Any = None, *, seed: int = 0, rank: int | None = None,
                      base: Mapping[str, Tensor] | None = None, peft_compatible: bool = False,
-                     module_order: Sequence[str] | None = None, name: str = "merged") -> Adapter:
+                     module_order: Sequence[str] | None = None, name: str = "merged",
+                     knots: bool = False) -> Adapter:
     """Combine adapters into one adapter (to save with ``save_adapter``).
 
     ``cat`` is exact (rank: sum of ranks). ``svd`` is the weighted sum of the updates,
     truncated to ``rank``. Any other method merges the full updates (``merge_deltas``) and
-    truncates the result to ``rank`` by SVD. With ``peft_compatible``, PEFT's result for the
-    combination type ``method`` (``params``: ``add_weighted_adapter``'s keyword arguments).
+    truncates the result to ``rank`` by SVD; with ``knots``, the method merges each module's
+    updates in their joint SVD basis first (KnOTS, ``knots_deltas``). With ``peft_compatible``,
+    PEFT's result for the combination type ``method`` (``params``: ``add_weighted_adapter``'s
+    keyword arguments).
 
     Args:
         rank: rank of the result for svd and the engine methods (default: the sum of the
@@ -280,7 +304,9 @@ def combine_adapters(adapters: Sequence[Adapter], method: str, model_params: Seq
     if method == "cat":
         return cat_adapters(adapters, model_weights(model_params), name=name)
     rank = rank or sum(a.max_rank() for a in adapters)
-    if method == "svd":
+    if knots:
+        deltas = knots_deltas(adapters, method, model_params, params, seed=seed)
+    elif method == "svd":
         deltas = weighted_sum_deltas(adapters, model_weights(model_params))
     else:
         deltas = merge_deltas(adapters, method, model_params, params, seed=seed, base=base)
