@@ -1,6 +1,0 @@
-"""TEMPORARY shim while the package moves land (removed before the stop)."""
-import sys
-
-from orchestrator.engine import plan as _module
-
-sys.modules[__name__] = _module
