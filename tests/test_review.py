@@ -200,7 +200,7 @@ def test_pruned_trials_end_finished_and_only_full_evaluations_have_a_score(study
     for run in pruned:
         assert run.info.status == "FINISHED" and "score" not in run.data.metrics
         assert int(run.data.tags["mo.pruned_at"]) > 0 and "rung_score" in run.data.metrics
-        assert "weight.knowledge" in run.data.params  # method-neutral names beside Optuna's
+        assert "weight.knowledge" in run.data.params and "ties.knowledge.weight" not in run.data.params
 
 
 def test_the_best_merge_is_registered_with_alias_best(study):

@@ -3,7 +3,8 @@
 Our own logging (optuna-integration's MLflow callback is deprecated and logs no rungs): the
 parent run holds the resolved config, overrides, search spaces, seeds, package versions, the
 git commit and, at the end, the verdict; each child run holds a trial's parameters (with
-method-neutral names beside Optuna's), its rung scores (``rung_score``, step = items
+method-neutral names: ``weight.knowledge``, not Optuna's ``ties.knowledge.weight``, so that
+parallel coordinates compare one parameter across methods), its rung scores (``rung_score``, step = items
 evaluated), its final state, merge and eval seconds and the recipe YAML.
 
 How a trial ends reads right in the UI: a complete trial is FINISHED with ``score`` (the full
@@ -156,7 +157,7 @@ class Tracker:
             tags[WORKER_TAG] = record.worker
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.number} {record.method}",
                                      tags=tags)
-        params = {"method": record.method, **record.params, **neutral_params(record.params, self.model_names)}
+        params = {"method": record.method, **neutral_params(record.params, self.model_names)}
         self.log_params(run.info.run_id, params)
         if record.recipe is not None:
             import yaml

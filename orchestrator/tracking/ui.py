@@ -3,8 +3,9 @@
 ``python -m orchestrator ui`` runs ``mlflow server`` on 127.0.0.1 over the project's store,
 serving the artifacts of ``<runs_dir>/mlartifacts`` (the movable store of ``store.py``). The URL
 opens the experiment's runs in MLflow's model-training view (``workflowType=machine_learning``;
-the experiment is also tagged as model development, so it never opens on Traces), filtered to
-the study's parent and trial runs.
+the experiment is also tagged as model development, so it never opens on Traces), listing the
+study's trials and baselines sorted by their full search score (pruned trials, which have no
+``score``, come last); the verdict is the experiment's description above the table.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def study_url(base: str, experiment_id: str | None, study: str | None) -> str:
     """The runs page of the experiment, model-training view, filtered to one study's runs."""
     if experiment_id is None:
         return base.rstrip("/") + "/"
-    query = {"workflowType": "machine_learning"}
-    if study:
-        query["searchFilter"] = f"tags.`mo.study` = '{study}'"
+    query = {"workflowType": "machine_learning", "orderByKey": "metrics.`score`", "orderByAsc": "false"}
+    if study:  # the trials and baselines, flat, best score first (the verdict is the experiment's note)
+        query["searchFilter"] = f"tags.`mo.study` = '{study}' and tags.`mo.kind` != 'study'"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
 
 
