@@ -67,3 +67,55 @@ def test_eval_on_the_demo_tasks_matches_the_zoo_scores(micro_zoo, tmp_path, caps
     for task in ("demo_mmlu", "demo_hellaswag"):
         for metric in ("acc", "acc_norm"):
             assert ours[task][metric] == pytest.approx(zoo[task][metric], abs=1e-4)
+
+
+def _scores(args: list[str], toy_tasks: Path, tmp_path: Path, name: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert main(["eval", *args, "--tasks", "toy_hellaswag", "--include", str(toy_tasks), "--split", "validation",
+                 "--limit", "12", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_takes_adapters_as_model_plus_adapter_or_with_base(lora_zoo, toy_tasks, tmp_path, capsys):
+    """A LoRA adapter is evaluated baked into its base in memory: the same scores as a merged folder."""
+    import yaml
+
+    base, adapter = lora_zoo["base"], lora_zoo["ad1"]
+    plus = _scores([f"{base}+{adapter}"], toy_tasks, tmp_path, "plus")
+    bare = _scores([str(adapter), "--base", str(base)], toy_tasks, tmp_path, "bare")
+    recipe = tmp_path / "bake.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}))
+    assert main(["merge", str(recipe), str(tmp_path / "baked"), "--quiet"]) == 0
+    folder = _scores([str(tmp_path / "baked")], toy_tasks, tmp_path, "folder")
+    assert plus == bare == folder
+    from safetensors.torch import load_file
+
+    baked, plain = load_file(tmp_path / "baked" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert any(not (baked[k] == plain[k]).all() for k in plain)  # the adapter changed the weights scored
+    capsys.readouterr()
+    assert main(["eval", str(adapter), "--tasks", "toy_hellaswag", "--include", str(toy_tasks)]) == 2
+    assert "is a LoRA adapter: pass --base MODEL" in capsys.readouterr().err
+
+
+def test_eval_takes_a_hub_id_from_the_hugging_face_cache(tiny_family, toy_tasks, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = Path(constants.HF_HUB_CACHE) / "models--someorg--tiny-eval"
+    shutil.copytree(tiny_family["ft_a"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert _scores(["someorg/tiny-eval"], toy_tasks, tmp_path, "hub") == \
+        _scores([str(tiny_family["ft_a"])], toy_tasks, tmp_path, "local")
+
+
+def test_eval_prints_one_progress_line_of_ours_and_no_library_noise(tiny_family, toy_tasks, capfd):
+    assert main(["eval", str(tiny_family["base"]), "--tasks", "toy_mmlu,toy_hellaswag", "--include",
+                 str(toy_tasks), "--limit", "8"]) == 0
+    err = capfd.readouterr().err
+    assert "Custom kwargs" not in err and "Running loglikelihood" not in err and "Loading weights" not in err
+    assert err.strip().splitlines() == [next(line for line in err.strip().splitlines() if line.startswith("scored"))]
