@@ -52,22 +52,29 @@ def file_hashes(root: Path) -> dict[str, str]:
     return out
 
 
-def read_manifest(root: Path) -> dict | None:
-    """The zoo's manifest, or None when absent or unreadable."""
+def read_manifest(root: Path, name: str = MANIFEST) -> dict | None:
+    """A built folder's manifest, or None when absent or unreadable."""
     try:
-        return json.loads((root / MANIFEST).read_text())
+        return json.loads((root / name).read_text())
     except (OSError, ValueError):
         return None
 
 
-def check_zoo(root: Path, want: dict) -> str | None:
-    """Why ``root`` is not a valid zoo for ``want``, or None when it is."""
-    manifest = read_manifest(root)
+def manifest_mismatch(manifest: dict | None, want: dict) -> str | None:
+    """Why a manifest does not describe what ``want`` asks for (None: it does)."""
     if manifest is None:
         return "no manifest"
     for key, value in want.items():
         if manifest.get(key) != value:
             return f"{key} is {manifest.get(key)!r}, want {value!r}"
+    return None
+
+
+def check_zoo(root: Path, want: dict) -> str | None:
+    """Why ``root`` is not a valid zoo for ``want``, or None when it is."""
+    manifest = read_manifest(root)
+    if (why := manifest_mismatch(manifest, want)) is not None:
+        return why
     if any(not (root / name / "model.safetensors").is_file() for name in MODEL_NAMES):
         return "a model folder is missing"
     if any(not (root / name / f).is_file() for name in ADAPTER_NAMES

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
+from orchestrator.zoo import build
 from orchestrator.zoo.corpus import cloze_qa, narratives
 from orchestrator.zoo.world import DOMAINS, build_world
 
@@ -112,20 +113,14 @@ def _version(dist: str) -> str | None:
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
     """The pair's manifest, or None when absent or unreadable."""
-    try:
-        return json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    return build.read_manifest(root, MANIFEST)
 
 
 def check_pair(root: Path, want: dict[str, Any]) -> str | None:
     """Why ``root`` is not a usable pair for ``want``, or None when it is."""
     manifest = read_manifest(root)
-    if manifest is None:
-        return "no manifest"
-    for key, value in want.items():
-        if manifest.get(key) != value:
-            return f"{key} is {manifest.get(key)!r}, want {value!r}"
+    if (why := build.manifest_mismatch(manifest, want)) is not None:
+        return why
     if set(manifest.get("zero_delta_fraction", {})) != {"ft_a", "ft_b"}:
         return "the manifest has no zero-delta fractions"
     for name in NAMES:
