@@ -109,6 +109,10 @@ class CachedReader(StreamReader):
         return [*(t for r, t in self._memo.items() if r in wanted),
                 *(t for (r, b), t in self._deltas.items() if r in wanted or b in wanted)]
 
+    def refs(self) -> set[TensorRef]:
+        """Every tensor reference held (inputs, and both sides of each task vector)."""
+        return {*self._memo, *(r for pair in self._deltas for r in pair)}
+
     def cache_bytes(self) -> int:
         """Bytes held (float32 inputs on CPU may be views of the memory-mapped files)."""
         return sum(t.numel() * t.element_size()

@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.engine.compute import CachedReader, cast, compute_tensor
 from orchestrator.engine.devices import resolve_device
-from orchestrator.engine.plan import MergePlan, TensorTask, build_plan
+from orchestrator.engine.plan import MergePlan, TensorRef, TensorTask, build_plan
 from orchestrator.engine.validate import check_recipe
 from orchestrator.engine.recipe import Recipe
 from orchestrator.engine.sources import as_recipe, close_all, open_models
@@ -102,6 +102,18 @@ class InMemoryMerger:
                     param.copy_(cast(out, task.dtype, self._workspace))
                 done.add(id(param))
         return MergeStats(len(done), time.perf_counter() - start, self._reader.cache_bytes())
+
+    def source(self, ref: str, name: str) -> torch.Tensor:
+        """Tensor ``name`` of model ``ref`` in float32 on the device, read once and kept cached.
+
+        Other views of the same models (a data-flow path model) share these tensors instead of
+        holding copies.
+        """
+        return self._reader.tensor(TensorRef(ref, name))
+
+    def cached_storages(self) -> set[int]:
+        """Data pointers of every cached tensor's storage (to prove sharing, not copying)."""
+        return {t.untyped_storage().data_ptr() for t in self._reader.cached(self._reader.refs())}
 
     def cache_bytes(self) -> int:
         """Bytes held by the tensor and task-vector cache."""

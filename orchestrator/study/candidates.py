@@ -18,7 +18,10 @@ from orchestrator.engine.weights import TOKENIZER_FILES, is_model_folder
 from orchestrator.errors import UserError
 from orchestrator.lora import is_adapter_folder
 from orchestrator.merge import get_method
-from orchestrator.study.spaces import uses_first_as_base
+from orchestrator.study.dataflow import PS, DataflowChoice, path_recipe, ps_folder, register_ps
+from orchestrator.study.genome import has_blocks, to_slices
+from orchestrator.study.records import recipe_key
+from orchestrator.study.spaces import DATAFLOW, merge_method_of, uses_first_as_base
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def base_as_candidate(cand: Candidates, methods: Sequence[str]) -> str | None:
     Its task vector is zero, so under task arithmetic, TIES or DARE its weight changes nothing
     (a parameter the search wastes trials on); linear and slerp do use it.
     """
-    delta = [m for m in methods if get_method(m).merges_deltas]
+    delta = [m for m in methods if merge_method_of(m) != DATAFLOW and get_method(merge_method_of(m)).merges_deltas]
     same = [name for name, ref in cand.models.items() if cand.base and ref == cand.base]
     if not delta or not same:
         return None
@@ -98,7 +101,15 @@ def base_as_candidate(cand: Candidates, methods: Sequence[str]) -> str | None:
 
 def build_recipe(method: str, global_values: Mapping[str, Any], per_model: Mapping[str, Mapping[str, Any]],
                  cand: Candidates) -> dict[str, Any]:
-    """A mergekit-format recipe dict for one trial over the candidates (in order)."""
+    """A mergekit-format recipe dict for one trial over the candidates (in order).
+
+    ``method`` may be a variant (``ties-layers``: merged with ``ties``); per-block values of
+    discrete layer groups make it a ``slices:`` recipe (``genome.to_slices``); ``dataflow``
+    makes the ``passthrough`` recipe of the suggested path (``dataflow_recipe``).
+    """
+    method = merge_method_of(method)
+    if method == DATAFLOW:
+        return dataflow_recipe(global_values["path"], cand)
     spec = get_method(method)
     names = list(cand.models)
     recipe: dict[str, Any] = {"merge_method": method, "dtype": cand.dtype}
@@ -112,7 +123,19 @@ def build_recipe(method: str, global_values: Mapping[str, Any], per_model: Mappi
         recipe["parameters"] = dict(global_values)
     if cand.tokenizer_source:
         recipe["tokenizer_source"] = cand.tokenizer_source
-    return recipe
+    return to_slices(recipe) if has_blocks(global_values, per_model) else recipe
+
+
+def dataflow_recipe(choice: DataflowChoice, cand: Candidates) -> dict[str, Any]:
+    """The passthrough recipe of a path; its ``ps`` source is the folder of its PS recipe."""
+    refs = dict(cand.models)
+    if choice.ps is not None:
+        ps = build_recipe(choice.ps_method, choice.ps[0], choice.ps[1], cand)
+        if choice.ps_root is None:
+            raise UserError("a PS+DFS path needs the folder its PS merges go to (bind_dataflow's ps_root)")
+        refs[PS] = ps_folder(choice.ps_root, choice.ps_method, recipe_key(ps, choice.seed))
+        register_ps(refs[PS], ps)
+    return path_recipe(choice, refs, cand.dtype, cand.tokenizer_source)
 
 
 def recipe_builder(cand: Candidates) -> Callable[[str, Mapping[str, Any], Mapping[str, Mapping[str, Any]]],

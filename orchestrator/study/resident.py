@@ -4,6 +4,10 @@ The merger is the engine's ``InMemoryMerger``, or, when every candidate is a LoR
 the base and every method merges updates, an ``AdapterMerger`` that rewrites only the adapted
 parameters: a trial then costs the adapters' size, not the model's. Both give the tensors
 ``merge_to_disk`` writes for the same recipe.
+
+A data-flow recipe (``passthrough`` over slices) is run by ``flow.FlowResident`` instead: a
+path model over the candidates' own modules, with an evaluator of its own. ``evaluator`` is
+whichever evaluator the last merge used (``main``: the resident model's).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from orchestrator.evaluation.evaluator import ResidentEvaluator
 from orchestrator.lora import AdapterMerger, load_adapter
 from orchestrator.merge import get_method
 from orchestrator.study.candidates import Candidates, union_recipe
+from orchestrator.study.flow import FlowResident, is_path_recipe
 from orchestrator.study.records import ConfirmResult, Rung
 
 
@@ -50,12 +55,21 @@ class Resident:
         self.adapter_index = {ref: i for i, ref in enumerate(candidates.models.values())} if adapters else {}
         if self.merger is not None:
             self.merger.model = self.evaluator.model
+        self.main = self.evaluator
+        self.flow: FlowResident | None = None
+        self._first = next(iter(candidates.models.values()))
+        self._allow_pickle = candidates.allow_pickle
         self.quiet = quiet
         self._leaf_info = {leaf: (t.name, suite.metrics[t.name], t.weight)
                            for t in spec.tasks for leaf in suite.loaded(t.name, None).leaves}
 
     def merge(self, recipe: Mapping[str, Any], seed: int) -> None:
         """Write the merge of ``recipe`` into the model; FloatingPointError on NaN/inf weights."""
+        if is_path_recipe(recipe) and self.merger is not None:
+            self.evaluator = self.flow_resident().merge(recipe, seed)
+            self.evaluator.reset()
+            return
+        self.evaluator = self.main
         if self.adapters is not None:
             self._merge_adapters(recipe, seed)
             written = [self.adapters.params[n] for n in self.adapters.names]  # the rest is the base's
@@ -65,6 +79,13 @@ class Resident:
         if not all(torch.isfinite(p).all() for p in written):
             raise FloatingPointError("the merge produced NaN or inf weights")
         self.evaluator.reset()
+
+    def flow_resident(self) -> FlowResident:
+        """The data-flow side (built on first use: the path model over the candidates' modules)."""
+        if self.flow is None:
+            self.flow = FlowResident(self.merger, self.main.model, self.main.spec, self.main.suite,
+                                     self.main.tokenizer, self._first)
+        return self.flow
 
     def _merge_adapters(self, recipe: Mapping[str, Any], seed: int) -> None:
         """A recipe over ``base+adapter`` candidates, merged by the ``AdapterMerger``."""
@@ -121,6 +142,8 @@ class Resident:
         ``items``: (task, ``leaf/doc``, the task metric's value) per confirm item.
         """
         per_seed, components, items = [], [], []
+        if is_path_recipe(recipe) and self.merger is not None:  # its PS source on disk, for the export
+            self.flow_resident().materialize(recipe, seeds[0], self._allow_pickle)
         for seed in seeds:
             self.merge(recipe, seed)
             with _quiet(self.quiet):

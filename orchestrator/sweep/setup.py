@@ -21,13 +21,22 @@ from orchestrator.evaluation.spec import EvalSpec, TaskSpec
 from orchestrator.evaluation.suite import TaskSuite, check_tasks_available
 from orchestrator.merge import get_method
 from orchestrator.study import fingerprint
+from orchestrator.study.binding import bind_spaces
 from orchestrator.study.candidates import Candidates, base_as_candidate, check_tokenizer, resolve_candidates
 from orchestrator.study.group import FAIR, member_methods
 from orchestrator.study.pruners import make_pruner
 from orchestrator.study.samplers import grid_size, make_sampler
-from orchestrator.study.spaces import MethodSpace, check_model_count, load_space, space_as_dict
+from orchestrator.study.spaces import (
+    DATAFLOW,
+    MethodSpace,
+    check_model_count,
+    load_space,
+    merge_method_of,
+    space_as_dict,
+)
 from orchestrator.study.storage import check_storage, storage_url
 from orchestrator.tracking.store import check_tracking
+from orchestrator.zoo.build import build_zoo
 
 
 @dataclass
@@ -35,7 +44,7 @@ class Setup:
     """What the checks found: the spaces, the tasks, the candidates, where the study lives."""
 
     runs_dir: Path
-    spaces: dict[str, MethodSpace]
+    spaces: dict[str, Any]  # MethodSpace, or DataflowSpace for data-flow methods
     spec: EvalSpec
     suite: TaskSuite
     url: str
@@ -71,10 +80,12 @@ def prepare(cfg: SweepConfig, say: Any) -> Setup:
     spaces = load_spaces(cfg)
     members = member_methods(list(spaces), cfg.study.compare)
     check_sampler_fits(cfg, spaces, members)
-    grids, caps = _grids(cfg, spaces, members)
     spec = eval_spec(cfg)
     candidates = resolve_candidates(_candidates(cfg, runs_dir))
     check_tokenizer(candidates)
+    spaces = bind_spaces(spaces, candidates, runs_dir / cfg.study.name / "ps", cfg.study.seed)
+    check_adapter_sweep(spaces, candidates)
+    grids, caps = _grids(cfg, spaces, members)
     warnings = [w for w in (base_as_candidate(candidates, list(spaces)),) if w]
     say(f"study {cfg.study.name!r}: methods {', '.join(spaces)}"
         f"{' (fair: equal trials each)' if members != [None] else ''}; candidates {', '.join(candidates.models)}")
@@ -99,8 +110,6 @@ def _candidates(cfg: SweepConfig, runs_dir: Path) -> Candidates:
 
 def build_named_zoo(zoo: str, first_model: str | None) -> None:
     """Build (or install) the demo or micro zoo the candidates live in."""
-    from orchestrator.zoo.build import build_zoo
-
     if zoo not in ("demo", "micro"):
         raise UserError(f"candidates.zoo must be 'demo', 'micro' or null, got {zoo!r}")
     if first_model is None:
@@ -115,7 +124,8 @@ def load_spaces(cfg: SweepConfig) -> dict[str, MethodSpace]:
         raise UserError("method.methods is empty: name at least one merge method")
     spaces = {}
     for name in cfg.method.methods:
-        get_method(name)  # an unknown method fails here, with the registry's suggestions
+        if merge_method_of(name) != DATAFLOW:
+            get_method(merge_method_of(name))  # an unknown method fails here, with the registry's suggestions
         space = load_space(Path(cfg.method.spaces_dir or SPACES_DIR) / f"{name}.yaml", name)
         check_model_count(space, len(cfg.candidates.models))
         spaces[name] = space
@@ -123,8 +133,22 @@ def load_spaces(cfg: SweepConfig) -> dict[str, MethodSpace]:
         raise UserError(f"the search space of {cfg.method.methods[0]!r} is empty: nothing to search "
                         "(add distributions, or compare it with other methods)")
     for space in spaces.values():
-        check_weights_can_normalize(space)
+        for part in (space, getattr(space, "ps", None)):
+            if isinstance(part, MethodSpace):
+                check_weights_can_normalize(part)
     return spaces
+
+
+def check_adapter_sweep(spaces: Mapping[str, Any], candidates: Candidates) -> None:
+    """The adapter fast path merges per-model scalars over ``models:``: no layer groups, no filters."""
+    if candidates.adapters() is None or not all(space.spec.merges_deltas for space in spaces.values()):
+        return
+    for name, space in spaces.items():
+        layered = [k for k, lay in space.layouts().items() if not lay.trivial]
+        if layered:
+            raise UserError(f"search space of {name!r}: {layered[0]} has layer groups or filters, which the "
+                            "adapter sweep (every candidate a LoRA adapter on the base) does not merge; "
+                            "search the adapters' weights per model, or bake the adapters into models")
 
 
 def check_sampler_fits(cfg: SweepConfig, spaces: Mapping[str, MethodSpace], members: list[str | None]) -> None:
