@@ -102,11 +102,11 @@ def test_default_splits_and_metrics(toy_tasks):
 
 
 def test_search_on_confirm_split_is_refused(toy_tasks):
-    spec = EvalSpec(tasks=(TaskSpec("toy_mmlu", split_search="test"),), include=(str(toy_tasks),))
+    spec = EvalSpec(tasks=(TaskSpec("toy_mmlu", search_split="test"),), include=(str(toy_tasks),))
     with pytest.raises(UserError, match="confirm split"):
         check_tasks_available(spec)
-    halves = TaskSpec("toy_hellaswag", split_search="validation[:60%]",
-                      split_confirm="validation[50%:]")
+    halves = TaskSpec("toy_hellaswag", search_split="validation[:60%]",
+                      confirm_split="validation[50%:]")
     with pytest.raises(UserError, match="overlaps"):
         check_tasks_available(EvalSpec(tasks=(halves,), include=(str(toy_tasks),)))
     allowed = EvalSpec(tasks=spec.tasks, include=spec.include, allow_search_on_confirm_split=True)
@@ -115,7 +115,7 @@ def test_search_on_confirm_split_is_refused(toy_tasks):
 
 def test_missing_split_and_metric_are_user_errors(toy_tasks):
     with pytest.raises(UserError, match="no split 'dev2'"):
-        check_tasks_available(EvalSpec(tasks=(TaskSpec("toy_mmlu", split_confirm="dev2"),),
+        check_tasks_available(EvalSpec(tasks=(TaskSpec("toy_mmlu", confirm_split="dev2"),),
                                        include=(str(toy_tasks),)))
     with pytest.raises(UserError, match="no metric 'f1,none'.*acc,none"):
         check_tasks_available(EvalSpec(tasks=(TaskSpec("toy_mmlu", metric="f1"),),

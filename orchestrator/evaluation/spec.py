@@ -25,16 +25,16 @@ class TaskSpec:
 
     Attributes:
         name: lm-eval task, group or tag name (``demo_mmlu``, ``hellaswag``, ``mmlu``).
-        split_search: Split expression searched on; None picks the task's default.
-        split_confirm: Split expression the final score is confirmed on; None: default.
+        search_split: Split expression searched on; None picks the task's default.
+        confirm_split: Split expression the final score is confirmed on; None: default.
         metric: Metric of the objective (``acc``, ``acc_norm``); None: acc_norm for
             HellaSwag-style tasks, else acc.
         weight: Weight of this task in the objective's weighted mean.
     """
 
     name: str
-    split_search: str | None = None
-    split_confirm: str | None = None
+    search_split: str | None = None
+    confirm_split: str | None = None
     metric: str | None = None
     weight: float = 1.0
 
@@ -45,7 +45,7 @@ class TaskSpec:
                 and self.weight > 0):
             raise UserError(f"weight must be a finite number > 0, got {self.weight!r} "
                             f"for task {self.name!r}")
-        for split in (self.split_search, self.split_confirm):
+        for split in (self.search_split, self.confirm_split):
             if split is not None:
                 parse_split(split)
 

@@ -59,8 +59,8 @@ class TaskSuite:
     def _resolve(self, task: TaskSpec) -> None:
         default = self.loaded(task.name, None)
         search_default, confirm_default = default_splits(default)
-        search = parse_split(task.split_search or search_default)
-        confirm = parse_split(task.split_confirm or confirm_default)
+        search = parse_split(task.search_split or search_default)
+        confirm = parse_split(task.confirm_split or confirm_default)
         if search.overlaps(confirm) and not self.spec.allow_search_on_confirm_split:
             raise UserError(
                 f"task {task.name!r}: search split '{search}' overlaps confirm split "

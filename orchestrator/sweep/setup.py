@@ -190,11 +190,13 @@ def check_runs_dir(runs_dir: Path) -> None:
 
 
 def eval_spec(cfg: SweepConfig) -> EvalSpec:
+    """What the study evaluates; the resident model loads in ``candidates.dtype``, the dtype the
+    merges are written in, so the model scored is the model saved."""
     e = cfg.eval
-    tasks = tuple(TaskSpec(t.name, split_search=t.search_split, split_confirm=t.confirm_split,
+    tasks = tuple(TaskSpec(t.name, search_split=t.search_split, confirm_split=t.confirm_split,
                            metric=t.metric, weight=t.weight) for t in e.tasks)
     return EvalSpec(tasks=tasks, rungs=tuple(e.rungs), batch_size=e.batch_size, num_fewshot=e.num_fewshot,
-                    include=tuple(e.include), device=e.device, seed=cfg.study.seed,
+                    include=tuple(e.include), device=e.device, dtype=cfg.candidates.dtype, seed=cfg.study.seed,
                     allow_search_on_confirm_split=e.allow_search_on_confirm_split)
 
 
