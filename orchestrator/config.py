@@ -24,7 +24,8 @@ class CandidatesConfig:
     """The models to merge. ``zoo`` ('demo' or 'micro') builds the demo zoo first when missing.
 
     ``allow_pickle``: also read ``pytorch_model.bin`` checkpoints (pickles can run code when
-    loaded; off by default, safetensors only).
+    loaded; off by default, safetensors only). ``knots``: LoRA adapter candidates are merged
+    in their joint SVD basis (KnOTS, arXiv 2410.19735) by every method.
     """
 
     models: dict[str, str] = field(default_factory=dict)
@@ -33,6 +34,7 @@ class CandidatesConfig:
     dtype: str = "float32"
     tokenizer_source: str | None = None
     allow_pickle: bool = False
+    knots: bool = False
 
 
 @dataclass

@@ -152,3 +152,24 @@ def test_knots_refuses_combinations_it_does_not_apply_to(lora_zoo, tmp_path, cap
     assert main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "out"), "--adapter"]) == 2
     assert "does not apply to cat" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_knots_recipe_bakes_the_knots_update_into_the_base(lora_zoo, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    from orchestrator.cli import main
+    from orchestrator.lora import load_adapter
+    from orchestrator.lora.combine import knots_deltas
+
+    recipe = {"merge_method": "ties", "base_model": str(lora_zoo["base"]), "parameters": {"knots": True},
+              "models": [{"model": str(lora_zoo[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("ad1", "ad3")]}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "model"), "--quiet"]) == 0
+    merged, base = load_file(tmp_path / "model" / "model.safetensors"), load_file(lora_zoo["base"] / "model.safetensors")
+    want = knots_deltas([load_adapter(lora_zoo[n]) for n in ("ad1", "ad3")], "ties",
+                        [{"weight": 1.0, "density": 0.5}] * 2)
+    for name, tensor in base.items():
+        expected = tensor.float() + want[name] if name in want else tensor.float()
+        torch.testing.assert_close(merged[name].float(), expected, atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "model" / "knots_recipe.yml").is_file()

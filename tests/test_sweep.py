@@ -217,3 +217,33 @@ def test_demo_lora_best_beats_each_single_adapter(tmp_path):
     assert all("+" in m["model"] and m["model"].startswith(str(runs / "zoo" / "base"))
                for m in outcome.best.recipe["models"])
     assert (outcome.best_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_adapter_sweep_with_knots_saves_what_it_scored(micro_zoo, micro_adapters, tmp_path):
+    """``candidates.knots=true``: trials merge the adapters in their joint SVD basis; ``best/`` bakes that merge."""
+    import io
+
+    from orchestrator.evaluation import ResidentEvaluator
+    from orchestrator.sweep.setup import eval_spec
+
+    runs = tmp_path / "runs"
+    overrides = ["experiment=debug", f"runs_dir={runs}", "candidates.zoo=null", f"candidates.base={micro_zoo / 'base'}",
+                 "~candidates.models", "+candidates.models={" + ",".join(f"{n}:'{p}'" for n, p in micro_adapters.items()) + "}",
+                 "method.methods=[ties,task_arithmetic]", "candidates.knots=true", "study.n_trials=4", "study.name=knots",
+                 "eval.confirm_seeds=1", "tracking=none"]
+    outcome = run_sweep(load_config(overrides), overrides, out=io.StringIO())
+    assert outcome.best.recipe["parameters"]["knots"] is True
+    assert (outcome.best_dir / "knots_recipe.yml").is_file()
+    scores = json.loads((outcome.best_dir / "scores.json").read_text())
+    fresh = ResidentEvaluator(outcome.best_dir, eval_spec(load_config(overrides))).evaluate("confirm")
+    assert fresh.score == pytest.approx(scores["confirm"]["seed_score"], abs=0.01)  # float32 rounding of the bake
+
+
+def test_knots_needs_adapter_candidates(micro_zoo, tmp_path):
+    from orchestrator.errors import UserError
+    from orchestrator.sweep.setup import prepare
+
+    cfg, _ = sweep_config(micro_zoo, tmp_path / "runs", "candidates.knots=true", "method=ties")
+    with pytest.raises(UserError, match="candidates.knots=true merges LoRA adapters"):
+        prepare(cfg, lambda text: None)

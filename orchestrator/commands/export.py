@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.engine.streaming import merge_to_disk
+    from orchestrator.engine.adapter_output import merge_recipe_to_disk
     from orchestrator.engine.writing import check_output_dir
     from orchestrator.study.records import State
     from orchestrator.sweep.finish import best_of, stored_rows
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     seed = int((group.notes.fingerprint() or {}).get("study.seed", 0))
     if best is not None and best.trial == number and group.notes.best_seed() is not None:
         seed = group.notes.best_seed()
-    result = merge_to_disk(record.recipe, args.out_dir, seed=seed, overwrite=args.overwrite,
+    result = merge_recipe_to_disk(record.recipe, args.out_dir, seed=seed, overwrite=args.overwrite,
                            card_title=f"{args.out_dir} (trial {number} of study {args.study})")
     print(f"exported trial {number} ({record.method}, seed {seed}) -> {result.out_dir}")
     return 0

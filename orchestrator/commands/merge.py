@@ -31,18 +31,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge, then print a one-line summary (tensors, seconds, output size)."""
-    from orchestrator.engine.adapter_output import uses_adapter_keys
-    from orchestrator.engine.streaming import merge_to_disk
+    from orchestrator.engine.adapter_output import merge_recipe_to_disk, uses_knots
 
     recipe = load_recipe(args.recipe)
     if args.adapter:
         return _adapter(recipe, args)
-    if uses_adapter_keys(recipe):
+    if any(k in recipe.parameters for k in ("rank", "peft_compatible")):
         raise UserError(f"{args.recipe}: parameters rank/peft_compatible describe a combined adapter; "
                         "pass --adapter to write one")
-    result = merge_to_disk(recipe, args.out_dir, seed=args.seed, device=args.device,
-                           allow_pickle=args.allow_pickle, shard_size=args.shard_size,
-                           overwrite=args.overwrite)
+    if uses_knots(recipe) and (args.device != "cpu" or args.allow_pickle):
+        raise UserError("a KnOTS recipe (parameters.knots) merges adapters on cpu from safetensors: drop "
+                        "--device and --allow-pickle")
+    extra = {} if uses_knots(recipe) else {"device": args.device, "allow_pickle": args.allow_pickle}
+    result = merge_recipe_to_disk(recipe, args.out_dir, seed=args.seed, shard_size=args.shard_size,
+                                  overwrite=args.overwrite, **extra)
     if not args.quiet:
         print(f"merged {result.tensors} tensors with {recipe.merge_method} in "
               f"{result.seconds:.1f}s -> {result.out_dir} ({_size(result.bytes)})",

@@ -139,3 +139,52 @@ def write_combined_adapter(recipe: Recipe | Mapping[str, Any], out_dir: str | Pa
         (stage / "mergekit_config.yml").write_text(recipe.to_yaml(), encoding="utf-8")
     return AdapterResult(out.absolute(), len(combined.modules), combined.max_rank(),
                          time.perf_counter() - start)
+
+
+def uses_knots(recipe: Recipe) -> bool:
+    """Whether a recipe over adapters asks for KnOTS (``parameters.knots: true``)."""
+    return recipe.parameters.get("knots") is True
+
+
+def merge_knots_to_disk(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, *, seed: int = 0,
+                        overwrite: bool = False, **options: Any) -> Any:
+    """A full model from a KnOTS recipe over adapters: the base with the KnOTS update baked in.
+
+    The engine's per-tensor methods see full tensors, not an adapter's factors, so the KnOTS
+    update is written first as one combined adapter of exact rank (the sum of the adapters'
+    ranks: the merged update lives in their joint basis), then baked into the base through the
+    engine (``base+combined``), exactly as the resident ``AdapterMerger`` applies it up to float32
+    rounding. The recipe itself is kept as ``knots_recipe.yml`` beside the model.
+    """
+    import tempfile
+
+    from orchestrator.engine.streaming import merge_to_disk
+
+    recipe = as_recipe(recipe)
+    job = adapter_job(recipe)
+    if not job.knots:
+        raise UserError("merge_knots_to_disk needs parameters.knots: true")
+    user_commit = options.pop("before_commit", None)
+
+    def keep_recipe(stage: Path) -> None:
+        (stage / "knots_recipe.yml").write_text(recipe.to_yaml(), encoding="utf-8")
+        if user_commit is not None:
+            user_commit(stage)
+
+    with tempfile.TemporaryDirectory(prefix="knots-") as tmp:
+        combined = write_combined_adapter(recipe, Path(tmp) / "combined", seed=seed).out_dir
+        bake = {"merge_method": "linear", "dtype": recipe.dtype or "float32",
+                "models": [{"model": f"{job.base_dir}+{combined}", "parameters": {"weight": 1.0}}]}
+        if recipe.out_dtype:
+            bake["out_dtype"] = recipe.out_dtype
+        if recipe.tokenizer_source:
+            bake["tokenizer_source"] = recipe.tokenizer_source
+        return merge_to_disk(bake, out_dir, seed=seed, overwrite=overwrite, before_commit=keep_recipe, **options)
+
+
+def merge_recipe_to_disk(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, **options: Any) -> Any:
+    """``merge_to_disk``, or ``merge_knots_to_disk`` for a KnOTS recipe over adapters."""
+    from orchestrator.engine.streaming import merge_to_disk
+
+    recipe = as_recipe(recipe)
+    return (merge_knots_to_disk if uses_knots(recipe) else merge_to_disk)(recipe, out_dir, **options)

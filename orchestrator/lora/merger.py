@@ -19,6 +19,7 @@ from orchestrator.lora.adapter import Adapter
 from orchestrator.lora.combine import (
     apply_delta,
     delta_method,
+    knots_deltas,
     merge_param,
     method_params,
     model_weights,
@@ -138,8 +139,18 @@ class AdapterMerger:
             deltas.setdefault(name, torch.zeros_like(self.base[name], dtype=torch.float32))
         return deltas
 
+    def knots_merged(self, method: Any, model_params: Sequence[Any], params: Any = None, seed: int = 0,
+                     subset: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The KnOTS merge of the subset's updates (``combine.knots_deltas``), zero where none applies."""
+        adapters = [self.adapters[i] for i in self._pick(subset)]
+        merged = knots_deltas(adapters, method, model_params, params, seed=seed)
+        for name in self.names:  # parameters the subset does not target keep their base values
+            merged.setdefault(name, torch.zeros_like(self.base[name], dtype=torch.float32))
+        return {name: d.to(self.base[name].device) for name, d in merged.items()}
+
     def apply(self, method: Any, model_params: Sequence[Any], params: Any = None, seed: int = 0,
-              *, peft_compatible: bool = False, subset: Sequence[int] | None = None) -> None:
+              *, peft_compatible: bool = False, subset: Sequence[int] | None = None,
+              knots: bool = False) -> None:
         """Write ``base + merged update`` into every targeted parameter of the model.
 
         Args:
@@ -152,8 +163,11 @@ class AdapterMerger:
             peft_compatible: reproduce PEFT's factor-wise combination instead.
             subset: merge only these adapters (indices into ``adapters``); every targeted
                 parameter is still rewritten, so a smaller subset leaves no stale update behind.
+            knots: merge each module's updates in their joint SVD basis (KnOTS).
         """
-        if peft_compatible:
+        if knots:
+            merged = self.knots_merged(method, model_params, params, seed, subset)
+        elif peft_compatible:
             merged = self.peft_merged(method, model_params, params, seed, subset)
         elif method in ("cat", "svd"):  # exact: the weighted sum of the updates
             merged = self.weighted_sum(model_weights(model_params), subset)

@@ -33,6 +33,7 @@ class Candidates:
     dtype: str = "float32"
     tokenizer_source: str | None = None
     allow_pickle: bool = False
+    knots: bool = False  # adapter candidates: merge in their joint SVD basis (KnOTS)
 
     def adapters(self) -> dict[str, str] | None:
         """``{name: adapter folder}`` when every candidate is ``base+adapter`` on the base."""
@@ -119,8 +120,8 @@ def build_recipe(method: str, global_values: Mapping[str, Any], per_model: Mappi
         recipe["base_model"] = cand.base
     recipe["models"] = [{"model": cand.models[n], **({"parameters": dict(per_model[n])} if per_model.get(n) else {})}
                         for n in names]
-    if global_values:
-        recipe["parameters"] = dict(global_values)
+    if global_values or cand.knots:
+        recipe["parameters"] = {**global_values, **({"knots": True} if cand.knots else {})}
     if cand.tokenizer_source:
         recipe["tokenizer_source"] = cand.tokenizer_source
     return to_slices(recipe) if has_blocks(global_values, per_model) else recipe
@@ -153,6 +154,7 @@ def union_recipe(cand: Candidates) -> dict[str, Any]:
 def baseline_recipes(cand: Candidates) -> dict[str, dict[str, Any]]:
     """Each parent model alone (``parent:<name>``), and their uniform average."""
     out = {}
+    cand = dataclasses.replace(cand, knots=False)
     for name in cand.models:
         alone = dataclasses.replace(cand, models={name: cand.models[name]}, base=None)
         out[f"parent:{name}"] = build_recipe("linear", {}, {name: {"weight": 1.0}}, alone)

@@ -41,13 +41,16 @@ def files_digest(ref: str) -> str:
 
 def fingerprint(*, models: Mapping[str, str], base: str | None, dtype: str, tokenizer_source: str | None,
                 spaces: Mapping[str, Any], tasks: Sequence[Mapping[str, Any]], rungs: Sequence[Any],
-                num_fewshot: int | None, seed: int, compare: str, directions: Sequence[str]) -> dict[str, Any]:
+                num_fewshot: int | None, seed: int, compare: str, directions: Sequence[str],
+                knots: bool = False) -> dict[str, Any]:
     """The defining settings of a study as a flat ``{dotted key: value}`` mapping."""
     data: dict[str, Any] = {"candidates.base": base, "candidates.dtype": dtype,
                             "candidates.tokenizer_source": tokenizer_source,
                             "method.methods": list(spaces), "eval.rungs": list(rungs),
                             "eval.num_fewshot": num_fewshot, "study.seed": seed, "study.compare": compare,
                             "study.objectives": len(directions)}
+    if knots:  # only when set: studies created before the option keep their fingerprint
+        data["candidates.knots"] = True
     for name, ref in models.items():
         data[f"candidates.models.{name}"] = ref
         data[f"candidates.models.{name}.files"] = files_digest(ref)

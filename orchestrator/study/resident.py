@@ -91,6 +91,7 @@ class Resident:
         """A recipe over ``base+adapter`` candidates, merged by the ``AdapterMerger``."""
         method, entries = recipe["merge_method"], recipe.get("models") or []
         gparams = dict(recipe.get("parameters") or {})
+        knots = bool(gparams.pop("knots", False))
         if recipe.get("slices") or not entries:
             raise UserError("an adapter sweep merges recipes with models:, not slices")
         spec = get_method(method)
@@ -99,7 +100,7 @@ class Resident:
                             "model, not only the adapted parameters)")
         subset = [self.adapter_index[e["model"]] for e in entries]
         params = [dict(e.get("parameters") or {}) for e in entries]
-        self.adapters.apply(method, params, gparams, seed, subset=subset)
+        self.adapters.apply(method, params, gparams, seed, subset=subset, knots=knots)
 
     def rungs(self, split: str, per_item: bool = False) -> Iterator[Rung]:
         """The evaluator's rungs as ``Rung``s; with ``per_item``, also the items each one added.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepConfig
-from orchestrator.engine.streaming import merge_to_disk
+from orchestrator.engine.adapter_output import merge_recipe_to_disk
 from orchestrator.merge import get_method
 from orchestrator.report import card, plots
 from orchestrator.report.compare import BASELINE, Row, compare, method_counts
@@ -134,8 +134,10 @@ def save_best(cfg: SweepConfig, best: Row, seed: int | None, rows: Sequence[Row]
         (stage / "scores.json").write_text(json.dumps(card.scores_json(cfg.study.name, best, seed, folder,
                                                                         summary_data), indent=2))
 
-    merge_to_disk(best.recipe, out_dir, seed=seed or 0, allow_pickle=cfg.candidates.allow_pickle, overwrite=True,
-                  card_title=card.card_title(cfg.study.name, folder), card_path=folder, before_commit=add_scores)
+    merge_recipe_to_disk(best.recipe, out_dir, seed=seed or 0, overwrite=True,
+                         card_title=card.card_title(cfg.study.name, folder), card_path=folder, before_commit=add_scores,
+                         **({} if best.recipe.get("parameters", {}).get("knots") else
+                            {"allow_pickle": cfg.candidates.allow_pickle}))
     return out_dir
 
 

@@ -105,7 +105,7 @@ def _candidates(cfg: SweepConfig, runs_dir: Path) -> Candidates:
     c = cfg.candidates
     if c.zoo:
         build_named_zoo(c.zoo, c.base or next(iter(c.models.values()), None))
-    return Candidates(dict(c.models), c.base, c.dtype, c.tokenizer_source, c.allow_pickle)
+    return Candidates(dict(c.models), c.base, c.dtype, c.tokenizer_source, c.allow_pickle, c.knots)
 
 
 def build_named_zoo(zoo: str, first_model: str | None) -> None:
@@ -140,7 +140,16 @@ def load_spaces(cfg: SweepConfig) -> dict[str, MethodSpace]:
 
 
 def check_adapter_sweep(spaces: Mapping[str, Any], candidates: Candidates) -> None:
-    """The adapter fast path merges per-model scalars over ``models:``: no layer groups, no filters."""
+    """The adapter fast path merges per-model scalars over ``models:``: no layer groups, no filters.
+
+    ``candidates.knots`` needs that path: every candidate an adapter on the base, every method
+    merging updates (KnOTS aligns adapter factors, which a full-model merge does not have).
+    """
+    if candidates.knots and (candidates.adapters() is None
+                             or not all(space.spec.merges_deltas for space in spaces.values())):
+        raise UserError("candidates.knots=true merges LoRA adapters in their joint SVD basis: every candidate "
+                        "must be an adapter on candidates.base and every method must merge updates "
+                        f"(methods: {', '.join(spaces)})")
     if candidates.adapters() is None or not all(space.spec.merges_deltas for space in spaces.values()):
         return
     for name, space in spaces.items():
@@ -236,5 +245,5 @@ def study_fingerprint(cfg: SweepConfig, setup: Setup) -> dict[str, Any]:
     return fingerprint.fingerprint(
         models=c.models, base=c.base, dtype=c.dtype, tokenizer_source=c.tokenizer_source,
         spaces={k: space_as_dict(v) for k, v in setup.spaces.items()}, tasks=tasks, rungs=cfg.eval.rungs,
-        num_fewshot=cfg.eval.num_fewshot, seed=cfg.study.seed,
+        num_fewshot=cfg.eval.num_fewshot, seed=cfg.study.seed, knots=c.knots,
         compare=FAIR if setup.members != [None] else "one sampler", directions=setup.directions)
