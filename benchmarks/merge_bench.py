@@ -29,6 +29,13 @@ With mergekit installed the outputs of deterministic methods are compared, tenso
     .venv/bin/python benchmarks/merge_bench.py --params 50M --methods linear,ties --no-mergekit
     .venv/bin/python benchmarks/merge_bench.py --dir /tmp/mb --keep  # keep (and reuse) models
     .venv/bin/python benchmarks/merge_bench.py --repeat 3 --mergekit-methods linear,slerp
+    .venv/bin/python benchmarks/merge_bench.py --bf16-sparse --methods task_arithmetic,ties,breadcrumbs
+
+``--bf16-sparse`` generates bfloat16 models instead, whose fine-tunes change about 30% of the
+entries by one or a few bf16 steps: about 70% of every task vector is exactly zero and the
+rest takes a few hundred distinct magnitudes, as in real bf16 fine-tunes
+(``orchestrator/zoo/real_pair.py``). The recipes then say ``dtype: bfloat16``. Magnitude
+selection (ties, breadcrumbs) meets its worst case there: ties at every threshold.
 
 The machine this was written on is shared: with other jobs running, one run's times swing by 2x,
 so compare side-by-side ratios, and use ``--repeat`` (minimum of interleaved runs).
@@ -75,8 +82,10 @@ def shape_for(params: int) -> tuple[int, int]:
     return max(64, int(round(hidden / 64)) * 64), layers
 
 
-def make_model(folder: Path, hidden: int, layers: int, seed: int, base: Path | None) -> None:
-    """Write a Llama-shaped float32 model (config + safetensors), one tensor at a time."""
+def make_model(folder: Path, hidden: int, layers: int, seed: int, base: Path | None,
+               bf16_sparse: bool = False) -> None:
+    """Write a Llama-shaped model (config + safetensors): float32, or with ``bf16_sparse``
+    bfloat16 with mostly-zero task vectors (module docstring)."""
     from safetensors import safe_open
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,17 +94,29 @@ def make_model(folder: Path, hidden: int, layers: int, seed: int, base: Path | N
               "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
               "num_key_value_heads": hidden // 64, "vocab_size": VOCAB,
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-              "tie_word_embeddings": False, "dtype": "float32"}
+              "tie_word_embeddings": False, "dtype": "bfloat16" if bf16_sparse else "float32"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     gen = torch.Generator().manual_seed(seed)
     shapes = _shapes(hidden, layers)
     if base is None:
         state = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes.items()}
+    elif bf16_sparse:
+        with safe_open(str(base / "model.safetensors"), "pt") as f:
+            state = {n: f.get_tensor(n).float() + _sparse_step(s, gen) for n, s in shapes.items()}
     else:
         with safe_open(str(base / "model.safetensors"), "pt") as f:
             state = {n: f.get_tensor(n) + torch.randn(s, generator=gen) * 0.002
                      for n, s in shapes.items()}
+    if bf16_sparse:
+        state = {n: t.bfloat16() for n, t in state.items()}
     save_state_dict(state, folder, max_shard_bytes=10**12)
+
+
+def _sparse_step(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A fine-tune's update: 0 on 60% of the entries, else N(0, 4e-4), which rounds to 0 in
+    bf16 again for about a quarter of them (weights ~N(0, 0.02))."""
+    step = torch.randn(shape, generator=gen) * 4e-4
+    return step.mul_(torch.rand(shape, generator=gen) >= 0.6)
 
 
 def _shapes(h: int, layers: int) -> dict[str, tuple[int, ...]]:
@@ -110,8 +131,8 @@ def _shapes(h: int, layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def recipes(root: Path) -> dict[str, dict]:
-    """The benchmarked recipes over base + ft_0..ft_2 under ``root``."""
+def recipes(root: Path, dtype: str | None = None) -> dict[str, dict]:
+    """The benchmarked recipes over base + ft_0..ft_2 under ``root`` (with ``dtype`` if given)."""
     ft = [str(root / f"ft_{i}") for i in range(3)]
     base = str(root / "base")
 
@@ -122,14 +143,16 @@ def recipes(root: Path) -> dict[str, dict]:
     def gta(method: str, **kw) -> dict:
         return {"models": models(**kw), "base_model": base, "merge_method": method}
 
-    return {
+    out = {
         "linear": {"models": models(), "merge_method": "linear"},
         "task_arithmetic": gta("task_arithmetic"),
         "ties": gta("ties", density=0.5),
         "dare_ties": gta("dare_ties", density=0.5),
+        "breadcrumbs": gta("breadcrumbs", density=0.5),
         "slerp": {"models": [{"model": base}, {"model": ft[0]}], "base_model": base,
                   "merge_method": "slerp", "parameters": {"t": 0.4}},
     }
+    return {k: {**v, "dtype": dtype} if dtype else v for k, v in out.items()}
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -230,7 +253,7 @@ with safe_open(str(Path(folders[0]) / "model.safetensors"), "pt") as f:
     start = time.perf_counter()
     header, offset = {{"__metadata__": {{"format": "pt"}}}}, 0
     for n, t in tensors.items():
-        header[n] = {{"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}}
+        header[n] = {{"dtype": "BF16" if t.dtype == torch.bfloat16 else "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}}
         offset += t.nbytes
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -302,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both tools)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per tool and method, interleaved; the table shows the fastest")
+    parser.add_argument("--bf16-sparse", action="store_true",
+                        help="bfloat16 models with mostly-zero, heavily tied task vectors")
     args = parser.parse_args(argv)
 
     params = parse_size(args.params.upper().rstrip("B").replace("M", "MB").replace("G", "GB"))
@@ -316,16 +341,20 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _models(root: Path, hidden: int, layers: int) -> None:
+def _models(root: Path, hidden: int, layers: int, bf16_sparse: bool) -> None:
     config = root / "base" / "config.json"
-    if config.exists() and json.loads(config.read_text())["hidden_size"] == hidden and all(
+    dtype = "bfloat16" if bf16_sparse else "float32"
+    if config.exists() and all(
+            json.loads((root / m / "config.json").read_text()).get("dtype") == dtype
+            for m in ("base", "ft_0", "ft_1", "ft_2") if (root / m / "config.json").exists()) \
+            and json.loads(config.read_text())["hidden_size"] == hidden and all(
             (root / f"ft_{i}" / "model.safetensors").exists() for i in range(3)):
         print("reusing the models there")
         return
     t0 = time.perf_counter()
-    make_model(root / "base", hidden, layers, 0, None)
+    make_model(root / "base", hidden, layers, 0, None, bf16_sparse)
     for i in range(3):
-        make_model(root / f"ft_{i}", hidden, layers, i + 1, root / "base")
+        make_model(root / f"ft_{i}", hidden, layers, i + 1, root / "base", bf16_sparse)
     print(f"generated base + 3 fine-tunes in {time.perf_counter() - t0:.0f}s")
 
 
@@ -342,8 +371,10 @@ def _bench(args, root: Path, hidden: int, layers: int, use_mergekit: bool) -> in
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}"
           f"; threads {args.threads}")
     print(f"models: hidden {hidden}, {layers} layers, {numel / 1e6:.0f}M params, "
-          f"{mib(numel * 4)} float32 each (largest tensor {mib(largest)}); dir {root}")
-    _models(root, hidden, layers)
+          + (f"{mib(numel * 2)} bfloat16 each, ~70% of the task vectors exactly zero"
+             if args.bf16_sparse else f"{mib(numel * 4)} float32 each")
+          + f" (largest tensor {mib(largest)}); dir {root}")
+    _models(root, hidden, layers, args.bf16_sparse)
     folders = [root / "base", *(root / f"ft_{i}" for i in range(3))]
     warm_cache(folders)
     floors = [_floor(root, folders, args.threads)]
@@ -354,8 +385,8 @@ def _bench(args, root: Path, hidden: int, layers: int, use_mergekit: bool) -> in
     mk_methods = set((args.mergekit_methods or args.methods).split(",")) if use_mergekit else set()
     rows = []
     for method in args.methods.split(","):
-        rows.append(_bench_method(method, recipes(root)[method], root, env, args,
-                                  method in mk_methods))
+        recipe = recipes(root, "bfloat16" if args.bf16_sparse else None)[method]
+        rows.append(_bench_method(method, recipe, root, env, args, method in mk_methods))
     floors.append(_floor(root, folders, args.threads))
     floor = {"reads": {k: min(f["reads"][k] for f in floors) for k in floors[0]["reads"]},
              "write": min(min(f["save_file"], f["plain_write"]) for f in floors)}

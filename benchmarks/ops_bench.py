@@ -6,8 +6,12 @@ of several runs, and prints how many times slower the alternative we did not tak
 - ``sparsify.MaskPlan.apply``: a bool mask to float, ``torch.Tensor.copy_`` vs ``np.copyto``;
 - ``sparsify._mask_plan``: ``u < density`` into a bool buffer, ``torch.lt`` vs ``np.less``;
 - ``selection.nth_equal``: ``x == value``, torch vs numpy;
-- ``selection.order_statistics``: one rank, ``torch.kthvalue`` vs ``ndarray.partition``; three
-  ranks, numpy's multi-kth partition vs one kth at a time on the shrinking tail;
+- ``selection.select_ranks``: one rank of bf16-like task-vector magnitudes (70% exact zeros,
+  a few hundred distinct values) and of random float32, ``ndarray.partition`` (the
+  introselect used before) vs ``select_ranks`` (sample brackets and counting passes) and its
+  exact fallback alone (radix selection); also ``torch.kthvalue``;
+- ``selection``'s bracket pass: ``count(x < v)`` with torch vs numpy; the radix passes'
+  ``bincount`` of int32 bins, numpy vs torch;
 - ``consensus._replace_zeros_by_one``: ``masked_fill_(x == 0, 1)`` vs ``clamp_(min=...)``.
 
 Usage: ``python benchmarks/ops_bench.py [--log2n 24]``
@@ -16,10 +20,16 @@ Usage: ``python benchmarks/ops_bench.py [--log2n 24]``
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.merge.selection import _radix, sample_of, select_ranks  # noqa: E402
 
 
 def best(fn, repeats: int = 5) -> float:
@@ -29,6 +39,21 @@ def best(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def bf16_magnitudes(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``|ft - base|`` of bf16 weights: about 70% exact zeros, a few hundred magnitudes."""
+    base = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    step = torch.randn(n, generator=gen) * 4e-4
+    step[torch.rand(n, generator=gen) < 0.6] = 0
+    return ((base.float() + step).bfloat16().float() - base.float()).abs_()
+
+
+def two_partitions(values: torch.Tensor) -> None:
+    """TIES/breadcrumbs-like thresholds the old way: partition at n/2, then the tail at 99%."""
+    array, n = values.numpy().copy(), values.numel()
+    array.partition(n // 2)
+    array[n // 2:].partition(n - n // 100 - n // 2)
 
 
 def main() -> None:
@@ -45,6 +70,15 @@ def main() -> None:
     value = float(x[123])
     ranks = [n // 4, n // 2, 3 * n // 4]
     counts = torch.randint(0, 3, (n,), generator=gen).float()
+    tied = bf16_magnitudes(n, gen)
+    bins = (tied.numpy().view(np.int32) >> 16) + (1 << 15)
+
+    def select(values: torch.Tensor) -> None:
+        select_ranks(lambda a, b: values[a:b], n, 1 << 16, [n // 2, n - n // 100],
+                     sample_of(values))
+
+    def radix(values: torch.Tensor) -> None:
+        _radix(lambda a, b: values[a:b], n, 1 << 16, [n // 2, n - n // 100])
 
     def one_kth_at_a_time() -> None:
         array, done = magnitude.numpy().copy(), 0
@@ -58,10 +92,22 @@ def main() -> None:
         ("u < density into bool: torch.lt vs np.less", best(lambda: torch.lt(uniform, 0.5, out=keep)),
          best(lambda: np.less(uniform.numpy(), np.float32(0.5), out=keep.numpy()))),
         ("x == value: torch vs numpy", best(lambda: x == value), best(lambda: x.numpy() == np.float32(value))),
-        ("one rank: torch.kthvalue vs ndarray.partition", best(lambda: magnitude.kthvalue(n // 2), 3),
+        ("random: torch.kthvalue vs ndarray.partition", best(lambda: magnitude.kthvalue(n // 2), 3),
          best(lambda: magnitude.numpy().copy().partition(n // 2), 3)),
         ("three ranks: multi-kth partition vs one at a time",
          best(lambda: magnitude.numpy().copy().partition(ranks), 3), best(one_kth_at_a_time, 3)),
+        ("random, 2 ranks: partition vs select_ranks",
+         best(lambda: two_partitions(magnitude), 3), best(lambda: select(magnitude), 3)),
+        ("bf16 tied, 2 ranks: partition vs select_ranks",
+         best(lambda: two_partitions(tied), 1), best(lambda: select(tied), 3)),
+        ("bf16 tied, 2 ranks: partition vs radix alone",
+         best(lambda: two_partitions(tied), 1), best(lambda: radix(tied), 3)),
+        ("bf16 tied, 1 rank: torch.kthvalue vs select_ranks",
+         best(lambda: tied.kthvalue(n // 2), 3), best(lambda: select(tied), 3)),
+        ("count(x < v): torch vs numpy", best(lambda: int(torch.count_nonzero(x < value))),
+         best(lambda: np.count_nonzero(x.numpy() < np.float32(value)))),
+        ("bincount of int32 bins: numpy vs torch", best(lambda: np.bincount(bins, minlength=1 << 16)),
+         best(lambda: torch.bincount(torch.from_numpy(bins), minlength=1 << 16))),
         ("zero counts -> 1: masked_fill_ vs clamp_", best(lambda: counts.clone().masked_fill_(counts == 0, 1.0)),
          best(lambda: counts.clone().clamp_(min=1.0))),
     ]

@@ -366,8 +366,8 @@ def demo_spec(device: str = "cpu") -> Any:
 
     ev = _evaluation()
     cfg = yaml.safe_load(DEMO_EVAL.read_text())
-    tasks = tuple(ev.TaskSpec(t["name"], split_search=t.get("search_split"),
-                              split_confirm=t.get("confirm_split"), metric=t.get("metric"),
+    tasks = tuple(ev.TaskSpec(t["name"], search_split=t.get("search_split"),
+                              confirm_split=t.get("confirm_split"), metric=t.get("metric"),
                               weight=t.get("weight", 1.0)) for t in cfg["tasks"])
     spec = ev.EvalSpec(tasks=tasks, rungs=tuple(cfg["rungs"]), batch_size=cfg["batch_size"],
                        num_fewshot=cfg.get("num_fewshot"), device=device, seed=0)

@@ -43,15 +43,7 @@ def disjoint_merge(trimmed: Sequence[Tensor], weights: Sequence[float], sign_met
     work = trimmed if work is None else work
     votes = list(weights) if sign_method == "weighted_sum" else [1.0] * len(weights)
     counted = votes  # what an agreeing model adds to the divisor: its weight (or 1)
-    # Elect sign: +1 where the (weighted) sum is >= 0, else -1. copysign maps a -0.0 sum to -1,
-    # but such a sum has only zero terms, which agree with neither sign: the result is the same.
-    first = trimmed[0]
-    if elected is None:
-        elected = torch.empty(first.shape, dtype=torch.float32, device=first.device)
-    torch.mul(first, votes[0], out=elected)  # (*shape) the vote: sum_i v_i t_i
-    for t, v in zip(trimmed[1:], votes[1:]):
-        elected.add_(t, alpha=v)
-    torch.copysign(torch.ones((), device=elected.device), elected, out=elected)
+    elected = elect_signs(trimmed, votes, elected)  # (*shape) +1 / -1
     # Disjoint merge. Where t_i agrees, w_i t_i = w_i s_i elected |t_i| with s_i = sign(vote_i),
     # so accumulate w_i s_i |t_i| over agreeing entries and apply the elected sign once at the end.
     mixed = summed = None
@@ -72,6 +64,22 @@ def disjoint_merge(trimmed: Sequence[Tensor], weights: Sequence[float], sign_met
     if summed is not None:
         _replace_zeros_by_one(summed, counted)
     return mixed, summed
+
+
+def elect_signs(trimmed: Sequence[Tensor], votes: Sequence[float],
+                out: Tensor | None = None) -> Tensor:
+    """+1 where ``sum_i v_i t_i >= 0``, else -1 (into ``out``, or a new tensor).
+
+    copysign maps a -0.0 sum to -1, but such a sum has only zero terms, which agree with
+    neither sign: the merged result is the same.
+    """
+    first = trimmed[0]
+    if out is None:
+        out = torch.empty(first.shape, dtype=torch.float32, device=first.device)
+    torch.mul(first, votes[0], out=out)  # (*shape) the vote: sum_i v_i t_i
+    for t, v in zip(trimmed[1:], votes[1:]):
+        out.add_(t, alpha=v)
+    return torch.copysign(torch.ones((), device=out.device), out, out=out)
 
 
 def _zeros_like(x: Tensor, out: Tensor | None) -> Tensor:

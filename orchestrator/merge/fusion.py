@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from orchestrator.merge import chunks
 from orchestrator.merge.base import NoParams
 from orchestrator.merge.selection import order_statistics
 
@@ -42,10 +43,22 @@ def arcee_fusion(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoP
 
 
 def kl_rows(x: Tensor, b: Tensor) -> Tensor:
-    """``KL(softmax(x) || softmax(b))`` along the last dim, kept as a size-1 dim (..., 1)."""
-    p = F.softmax(x, dim=-1) + SOFTMAX_EPS  # (..., c)
-    q = F.softmax(b, dim=-1) + SOFTMAX_EPS  # (..., c)
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # (..., 1)
+    """``KL(softmax(x) || softmax(b))`` along the last dim, kept as a size-1 dim (..., 1).
+
+    Computed for a few rows at a time (about ``chunks.CPU_CHUNK`` entries) so the softmaxes
+    and their temporaries stay in the CPU cache; rows are independent, so the bits are those
+    of the whole-tensor computation.
+    """
+    c = x.shape[-1] if x.dim() else 1
+    rows_x, rows_b = x.reshape(-1, c), b.reshape(-1, c)  # (r, c)
+    out = torch.empty(rows_x.shape[0], 1, dtype=torch.float32, device=x.device)  # (r, 1)
+    step = rows_x.shape[0] if x.device.type != "cpu" else max(1, chunks.CPU_CHUNK // max(c, 1))
+    for start in range(0, rows_x.shape[0], step):
+        rx, rb = rows_x[start:start + step], rows_b[start:start + step]
+        p = F.softmax(rx, dim=-1).add_(SOFTMAX_EPS)  # (rows, c)
+        q = F.softmax(rb, dim=-1).add_(SOFTMAX_EPS)  # (rows, c)
+        torch.sum(p * torch.log(p / q), dim=-1, keepdim=True, out=out[start:start + step])
+    return out.view(*x.shape[:-1], 1) if x.dim() else out.view(())
 
 
 def outlier_threshold(values: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from orchestrator.merge import chunks
 from orchestrator.merge.base import NoParams, check_range
 
 
@@ -69,35 +70,80 @@ class RamPlusParams:
 def ram(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams],
         params: RamParams, generator: torch.Generator | None) -> Tensor:
     """Merged delta: unique changes summed, shared ones averaged (module docstring)."""
-    kept, _, count = active_entries(xs, params.epsilon)  # (n, *shape), _, (*shape)
-    # c = 1: sum of the one active value; c > 1: their mean; c = 0: 0.
-    return kept.sum(dim=0).div_(count.clamp(min=1))
+    out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
+    for o, kept, _, count in _active_slices(xs, params.epsilon, out):
+        # c = 1: sum of the one active value; c > 1: their mean; c = 0: 0.
+        _sum_into(kept, o).div_(count.clamp_(min=1))
+    return out
 
 
 def ramplus_tl(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams],
                params: RamPlusParams, generator: torch.Generator | None) -> Tensor:
-    """RAM with each model's unique entries boosted by ``lambda_i`` (module docstring)."""
-    kept, active, count = active_entries(xs, params.epsilon)  # (n, *shape), (n, *shape), (*shape)
-    unique, shared = count == 1, count > 1  # (*shape)
-    boost = unique_boost(active, unique, shared, params)  # (n,)
-    boost = boost.view(-1, *[1] * (kept.dim() - 1))  # (n, 1, ...)
-    merged = (kept * unique * boost).sum(dim=0)  # (*shape) boosted unique entries
-    return merged.add_((kept * shared).sum(dim=0).div_(count.clamp(min=1)))  # + shared means
+    """RAM with each model's unique entries boosted by ``lambda_i`` (module docstring).
+
+    Two passes a slice at a time: one counts each model's unique and shared entries (the
+    boost needs the whole tensor's counts), one merges: the RAM mean times a factor that is
+    exactly ``lambda_i`` where model ``i`` alone is active and 1 elsewhere, so an entry gets
+    ``lambda_i * delta_i`` (one rounding, as summing the boosted unique and the shared parts).
+    """
+    n = len(xs)
+    unique_i, active_i = [0.0] * n, [0.0] * n
+    for _, _, active, count in _active_slices(xs, params.epsilon):
+        alone = _is_one(count)  # (slice,) 1.0 where one model is active
+        for i, a in enumerate(active):
+            active_i[i] += float(a.sum())  # 0/1 sums: exact in float32 up to 2**24 per slice
+            unique_i[i] += float(torch.dot(a, alone))
+    boost = unique_boost([a - u for a, u in zip(active_i, unique_i)], unique_i, params)
+    out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
+    for o, kept, active, count in _active_slices(xs, params.epsilon, out):
+        _sum_into(kept, o).div_(count.clamp(min=1))  # the means (c = 1: the one value)
+        factor = active[0].mul_(boost[0] - 1)  # sum_i (lambda_i - 1) [active_i] ...
+        for a, b in zip(active[1:], boost[1:]):
+            factor.add_(a.mul_(b - 1))
+        o.mul_(factor.mul_(_is_one(count)).add_(1))  # ... where c = 1, plus 1: exact
+    return out
 
 
-def active_entries(xs: Sequence[Tensor], epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(kept, active, count)``: the task vectors with inactive entries zeroed (n, *shape),
-    the bool mask ``|delta| > epsilon`` (n, *shape) and the active count per entry (*shape)."""
-    tvs = torch.stack([x.float() for x in xs])  # (n, *shape)
-    active = tvs.abs() > epsilon  # (n, *shape)
-    count = active.sum(dim=0)  # (*shape) int64
-    return tvs.mul_(active), active, count
+def _is_one(count: Tensor) -> Tensor:
+    """1.0 where the integer-valued ``count`` is 1, else 0.0 (in place)."""
+    return count.sub_(1).abs_().neg_().add_(1).clamp_(min=0)
 
 
-def unique_boost(active: Tensor, unique: Tensor, shared: Tensor, params: RamPlusParams) -> Tensor:
-    """``lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha)`` per model (n,)."""
-    n = active.shape[0]
-    shared_i = (active & shared).reshape(n, -1).sum(dim=1).double()  # (n,)
-    unique_i = (active & unique).reshape(n, -1).sum(dim=1).double()  # (n,)
-    rho = torch.where(unique_i > 0, shared_i / unique_i.clamp(min=params.epsilon), 0.0)  # (n,)
-    return (1 + params.r * rho.clamp(0, params.alpha)).float()
+def _active_slices(xs: Sequence[Tensor], epsilon: float, out: Tensor | None = None):
+    """Per slice: ``(out slice, kept, active, count)``: the task vectors with the entries where
+    ``|delta| <= epsilon`` zeroed, 1.0 where they are not, and how many models are active per
+    entry (all float32, in reused buffers that callers may overwrite)."""
+    flats = [chunks.flat(x) for x in xs]
+    n, numel = len(flats), flats[0].numel()
+    size = chunks.chunk_size(flats[0].device, numel)
+    bufs = chunks.buffers(2 * n + 2, size, flats[0].device, name="ram")
+    count_buf, tmp = bufs.pop(), bufs.pop()
+    flat_out = None if out is None else out.view(-1)
+    for start, stop in chunks.spans(numel, size):
+        m = stop - start
+        count = count_buf[:m].zero_()
+        kept, active = [], []
+        for f, buf, act in zip(flats, bufs[:n], bufs[n:]):
+            # hardshrink keeps |d| > epsilon; a kept entry is non-zero (epsilon >= 0)
+            k = torch.hardshrink(chunks.as_float32(f[start:stop], tmp), epsilon, out=buf[:m])
+            a = torch.sign(k, out=act[:m]).abs_()
+            count.add_(a)
+            kept.append(k)
+            active.append(a)
+        yield (None if flat_out is None else flat_out[start:stop]), kept, active, count
+
+
+def _sum_into(xs: Sequence[Tensor], out: Tensor) -> Tensor:
+    out.copy_(xs[0])
+    for x in xs[1:]:
+        out.add_(x)
+    return out
+
+
+def unique_boost(shared_i: Sequence[float], unique_i: Sequence[float],
+                 params: RamPlusParams) -> list[float]:
+    """``lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha)`` per model."""
+    shared = torch.tensor(shared_i, dtype=torch.float64)
+    unique = torch.tensor(unique_i, dtype=torch.float64)
+    rho = torch.where(unique > 0, shared / unique.clamp(min=params.epsilon), 0.0)  # (n,)
+    return (1 + params.r * rho.clamp(0, params.alpha)).float().tolist()

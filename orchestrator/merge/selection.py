@@ -1,42 +1,243 @@
-"""Exact rank selection for magnitude pruning, without mergekit's full argsort.
+"""Exact rank selection for magnitude pruning, without sorting and without mergekit's argsort.
 
 ``rank_window`` keeps the entries whose ascending rank of ``|delta|`` lies in ``[start, stop)``:
 the top-k of TIES is ``[n - k, n)``, Model Breadcrumbs' band is ``[n_bot, n_bot + target)``.
-Two order statistics give the thresholds; entries tied with a threshold are ranked by position,
-so exactly ``stop - start`` entries are kept (mergekit's choice among ties follows its unstable
-sort and is unspecified). Task vectors of bf16 checkpoints have many ties; they are settled by
-locating one cut-off position per threshold, not by ranking or listing the tied entries.
+Two order statistics give the thresholds, and entries tied with a threshold are ranked by
+flat position, as a stable sort ranks them: at the lower threshold the first tied entries
+fall below ``start``, at the upper one the last tied entries reach ``stop``. So exactly
+``stop - start`` entries are kept, and the same ones on every run (mergekit's choice among
+ties follows its unstable sort and is unspecified).
+
+**How the order statistics are found (CPU), without moving any entry.** ``select_ranks``
+returns the value at each wanted rank together with how many entries lie below it and how
+many equal it (what the tie rule needs), exactly, from counting passes over the values read a
+slice at a time (``read(start, stop)``), so the fused merge selects on task vectors it never
+holds whole:
+
+1. Bracket: a sorted sample of about ``SAMPLE`` evenly spaced entries gives, for each rank, two
+   values ``Z`` standard errors either side of it. One pass counts the entries below and at
+   each bracket end (vectorised float32 comparisons, under 0.5 ns per entry) and keeps the
+   few strictly inside; the rank then falls on a bracket end (on bf16 deltas it usually does:
+   the ends are heavily tied values, often 0) or among the kept few, which are sorted.
+2. Fallback, exact whatever the data (a bracket that misses, no sample): radix selection on
+   the float32 bit patterns, mapped to int32 keys that order as the floats. Pass 1 counts the
+   keys' high 16 bits (65,536 bins), locating each rank's bin; pass 2 counts the low 16 bits
+   of the entries in those bins. A rank among exact zeros needs no pass 2.
+
+Task vectors of bf16 checkpoints are mostly exact zeros and take a few hundred distinct
+magnitudes. numpy's introselect (``ndarray.partition``, used before) degrades on such ties to
+about 100-360 ns per entry against 7-10 on random float32, which made TIES on the real 135M
+pair take 22 s; the counting passes cost a few ns per entry on both
+(``benchmarks/ops_bench.py``). Tensors of at most ``SAMPLE`` entries are simply sorted. On
+other devices ``torch.kthvalue`` is used.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-_CHUNK = 1 << 20  # entries counted at a time when locating a tied position
+Reader = Callable[[int, int], Tensor]  # read(start, stop): float32 values[start:stop] (CPU)
 
+BLOCK = 1 << 20  # entries read at a time when the values are held whole
+SAMPLE = 1 << 14  # entries sampled to bracket a rank (tensors up to this size are sorted)
+Z = 6.0  # a bracket spans this many standard errors of the sample quantile on each side
+_BINS = 1 << 16  # radix bins per pass: 16 bits of the key
+_OFFSET = 1 << 15  # high 16 bits of a key (-32768..32767) + this = bin 0..65535
+_ZERO_BIN = _OFFSET  # the bin of key 0 (+0.0 and -0.0), whose smallest key it is
+
+
+@dataclass(frozen=True)
+class Rank:
+    """The value at one ascending rank, with how many entries are below it and equal to it."""
+
+    value: float
+    below: int
+    equal: int
+
+
+def select_ranks(read: Reader, n: int, size: int, ranks: Sequence[int],
+                 sample: np.ndarray | None = None) -> list[Rank]:
+    """The values at ascending 0-based ``ranks`` (each in ``[0, n)``) of ``n`` float32 values
+    read ``size`` at a time (CPU), with how many entries lie below and equal to each. Exact.
+
+    ``sample``: the values at about ``SAMPLE`` evenly spaced positions (reordered here); with
+    it, one counting pass over brackets around each rank usually settles everything (module
+    docstring), else the radix selection does.
+    """
+    if n <= SAMPLE:  # small: sort it all
+        values = np.sort(np.concatenate([read(a, min(n, a + size)).numpy()
+                                         for a in range(0, n, size)]))
+        return [_from_sorted(values, r) for r in ranks]
+    found = _bracketed(read, n, size, ranks, sample) if sample is not None else {}
+    missed = [r for r in ranks if r not in found]
+    if missed:
+        found.update(zip(missed, _radix(read, n, size, missed)))
+    return [found[r] for r in ranks]
+
+
+def _from_sorted(values: np.ndarray, rank: int) -> Rank:
+    value = values[rank]
+    below = int(np.searchsorted(values, value, side="left"))
+    return Rank(float(value), below, int(np.searchsorted(values, value, side="right")) - below)
+
+
+def _bracketed(read: Reader, n: int, size: int, ranks: Sequence[int],
+               sample: np.ndarray) -> dict[int, Rank]:
+    """Ranks settled by one pass that counts the entries below and at each end of a bracket
+    taken from ``sample`` and collects the (few) entries strictly inside it."""
+    m = sample.size
+    sample.sort()
+    brackets = []
+    for rank in ranks:
+        q = rank / n
+        margin = Z * math.sqrt(q * (1 - q) * m) + 2
+        i, j = int(q * m - margin), math.ceil(q * m + margin)
+        # A bracket at the sample's ends is open: tail ranks cannot miss it.
+        brackets.append((np.float32(-np.inf) if i <= 0 else sample[i],
+                         np.float32(np.inf) if j >= m - 1 else sample[j]))
+    counts = np.zeros((len(ranks), 4), dtype=np.int64)  # < lo, <= lo, < hi, <= hi
+    inside: list[list[np.ndarray]] = [[] for _ in ranks]
+    for a in range(0, n, size):
+        x = read(a, min(n, a + size)).numpy()
+        for k, (lo, hi) in enumerate(brackets):
+            # numpy's float32 comparisons and counts: under 0.5 ns per entry (ops_bench)
+            counts[k] += (np.count_nonzero(x < lo), np.count_nonzero(x <= lo),
+                          np.count_nonzero(x < hi), np.count_nonzero(x <= hi))
+            if lo < hi:
+                inside[k].append(x[(x > lo) & (x < hi)])  # a copy: the slice may be reused
+    found = {}
+    for rank, (lo, hi), (lt_lo, le_lo, lt_hi, le_hi), parts in zip(ranks, brackets, counts, inside):
+        if rank < lt_lo or rank >= le_hi:
+            continue  # the bracket missed (an unrepresentative sample): radix selection
+        if rank < le_lo:
+            found[rank] = Rank(float(lo), int(lt_lo), int(le_lo - lt_lo))
+        elif rank >= lt_hi:
+            found[rank] = Rank(float(hi), int(lt_hi), int(le_hi - lt_hi))
+        else:
+            values = torch.from_numpy(np.concatenate(parts))
+            r = select_ranks(lambda a, b: values[a:b], values.numel(), BLOCK, [rank - le_lo])[0]
+            found[rank] = Rank(r.value, r.below + int(le_lo), r.equal)
+    return found
+
+
+# -- radix selection: exact in two counting passes, whatever the data -----------------------------
+
+def _keys(values: np.ndarray) -> np.ndarray:
+    """int32 keys ordered as the float32 ``values``: the bits of a value >= 0, minus those of
+    ``|value|`` for a negative one (so -0.0 and +0.0 share the key 0; NaNs go to the ends)."""
+    bits = values.view(np.int32)
+    sign = bits >> 31  # 0, or -1 for negative values
+    return ((bits & np.int32(0x7FFFFFFF)) ^ sign) - sign  # two's complement negation if -1
+
+
+def _value_of(key: int) -> float:
+    """The float32 whose key (``_keys``) is ``key`` (+0.0 for 0)."""
+    bits = np.array([key if key >= 0 else (-key) | -0x80000000], dtype=np.int64).astype(np.int32)
+    return float(bits.view(np.float32)[0])
+
+
+def _bincount(bins: np.ndarray) -> np.ndarray:
+    # torch's bincount: 1.5-1.9x faster than numpy's on int32 bins (no int64 copy; ops_bench)
+    return torch.bincount(torch.from_numpy(bins), minlength=_BINS).numpy()
+
+
+def _blocks(read: Reader, n: int, size: int):
+    for start in range(0, n, size):
+        yield _keys(read(start, min(n, start + size)).numpy())
+
+
+def _radix(read: Reader, n: int, size: int, ranks: Sequence[int]) -> list[Rank]:
+    """Pass 1 counts the keys' high 16 bits, locating each rank's bin; pass 2 counts the low
+    16 bits of the entries in those bins (none needed for a rank among exact zeros)."""
+    high = np.zeros(_BINS, dtype=np.int64)
+    zeros = 0
+    for keys in _blocks(read, n, size):
+        high += _bincount((keys >> 16) + _OFFSET)
+        zeros += int(np.count_nonzero(keys == 0))
+    upto = np.cumsum(high)  # entries in bins <= b
+    found: dict[int, Rank] = {}
+    wanted: dict[int, list[tuple[int, int]]] = {}  # bin: [(rank, entries in lower bins)]
+    for rank in ranks:
+        b = int(np.searchsorted(upto, rank, side="right"))
+        below = int(upto[b] - high[b])
+        if b == _ZERO_BIN and rank - below < zeros:
+            found[rank] = Rank(0.0, below, zeros)
+        else:
+            wanted.setdefault(b, []).append((rank, below))
+    lows = {b: np.zeros(_BINS, dtype=np.int64) for b in wanted}
+    for keys in _blocks(read, n, size) if wanted else ():
+        high_bits = (keys >> 16) + _OFFSET
+        for b, low in lows.items():
+            low += _bincount(keys[high_bits == b] & 0xFFFF)
+    for b, items in wanted.items():
+        upto_low = np.cumsum(lows[b])
+        for rank, below in items:
+            low_bits = int(np.searchsorted(upto_low, rank - below, side="right"))
+            equal = int(lows[b][low_bits])
+            key = ((b - _OFFSET) << 16) | low_bits
+            found[rank] = Rank(_value_of(key), below + int(upto_low[low_bits]) - equal, equal)
+    return [found[r] for r in ranks]
+
+
+# -- thresholds of a rank window --------------------------------------------------------------------
 
 def order_statistics(values: Tensor, ranks: Sequence[int]) -> list[Tensor]:
-    """The values at ascending 0-based ``ranks`` of flat ``values`` (reordered in place on CPU).
-
-    On CPU numpy's introselect (``ndarray.partition``) is 7x faster than ``torch.kthvalue``
-    (``benchmarks/ops_bench.py``); on other devices ``kthvalue`` is used and ``values`` is
-    left as it is.
-    """
+    """The values at ascending 0-based ``ranks`` of flat ``values`` (0-dim tensors; ``values``
+    is not modified): ``select_ranks`` on CPU, ``torch.kthvalue`` elsewhere."""
     if values.device.type != "cpu":
         return [values.kthvalue(r + 1).values for r in ranks]
-    array, done, found = values.numpy(), 0, {}  # the array shares memory with `values`
-    for rank in sorted(ranks):
-        # After partitioning at `done`, array[done:] holds exactly the ranks >= done. One kth
-        # at a time: numpy's multi-kth partition is 4.6x slower for three ranks (ops_bench).
-        array[done:].partition(rank - done)
-        found[rank], done = torch.tensor(array[rank]), rank
-    return [found[r] for r in ranks]
+    flat = values.reshape(-1).float()
+    found = select_ranks(lambda a, b: flat[a:b], flat.numel(), BLOCK, ranks, sample_of(flat))
+    return [torch.tensor(r.value, dtype=torch.float32) for r in found]
+
+
+def sample_of(flat: Tensor) -> np.ndarray:
+    """``flat`` (CPU) at about ``SAMPLE`` evenly spaced positions, as an owned float32 array."""
+    return flat[:: max(1, flat.numel() // SAMPLE)].numpy().copy()
+
+
+def window_from(read: Reader, n: int, size: int, start: int, stop: int,
+                sample: np.ndarray | None = None) -> tuple[float | None, float | None, int, int]:
+    """Thresholds of ranks ``[start, stop)`` of ``n`` values read a slice at a time (CPU).
+
+    Returns ``(lo, hi, drop_lo, drop_hi)``: the values at ranks ``start`` and ``stop - 1``
+    (``None`` when ``start <= 0`` / ``stop >= n``), how many entries tied at ``lo`` rank below
+    ``start`` (the first ones by position are dropped) and how many tied at ``hi`` rank at or
+    above ``stop`` (the last ones). Needs ``0 <= start < stop`` and ``start < n``.
+    """
+    want_lo, want_hi = start > 0, stop < n
+    ranks = ([start] if want_lo else []) + ([stop - 1] if want_hi else [])
+    if not ranks:
+        return None, None, 0, 0
+    found = select_ranks(read, n, size, ranks, sample)
+    lo = found[0] if want_lo else None
+    hi = found[-1] if want_hi else None
+    return (None if lo is None else lo.value, None if hi is None else hi.value,
+            0 if lo is None else start - lo.below,
+            0 if hi is None else hi.below + hi.equal - stop)
+
+
+def window_of(values: Tensor, start: int, stop: int) -> tuple[float | None, float | None, int, int]:
+    """``window_from`` on flat ``values`` held whole, on any device (not modified)."""
+    n = values.numel()
+    if values.device.type == "cpu":
+        return window_from(lambda a, b: values[a:b], n, BLOCK, start, stop, sample_of(values))
+    want_lo, want_hi = start > 0, stop < n
+    ranks = ([start] if want_lo else []) + ([stop - 1] if want_hi else [])
+    if not ranks:
+        return None, None, 0, 0
+    bounds = [float(v) for v in order_statistics(values, ranks)]
+    lo = bounds[0] if want_lo else None
+    hi = bounds[-1] if want_hi else None
+    drop_lo = start - int(torch.count_nonzero(values < lo)) if want_lo else 0
+    drop_hi = int(torch.count_nonzero(values <= hi)) - stop if want_hi else 0
+    return lo, hi, drop_lo, drop_hi
 
 
 def rank_window(work: Tensor, delta: Tensor, start: int, stop: int) -> None:
@@ -46,24 +247,16 @@ def rank_window(work: Tensor, delta: Tensor, start: int, stop: int) -> None:
     if stop <= start or start >= n:
         flat.zero_()
         return
-    if start <= 0 and stop >= n:
-        flat.fill_(1.0)
-        return
-    ranks = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
-    bounds = order_statistics(flat, ranks)
-    torch.abs(delta, out=work)  # the selection may have reordered it
-    lo = bounds[0] if start > 0 else None
-    hi = bounds[-1] if stop < n else None
+    lo, hi, drop_lo, drop_hi = window_of(flat, max(start, 0), min(stop, n))
     # Keep lo <= |delta| <= hi. Ties rank by position: at lo the first tied entries fall below
     # `start`, at hi the last ones reach `stop`; drop just those.
     keep = torch.ones(n, dtype=torch.bool, device=flat.device)  # (n,)
     if lo is not None:
         torch.logical_and(keep, flat >= lo, out=keep)
-        _drop_ties(keep, flat == lo, int(keep.count_nonzero()) - (n - start), first=True)
+        _drop_ties(keep, flat == lo, drop_lo, first=True)
     if hi is not None:
-        below_hi = flat <= hi  # (n,) bool
-        _drop_ties(keep, flat == hi, int(below_hi.count_nonzero()) - stop, first=False)
-        torch.logical_and(keep, below_hi, out=keep)
+        torch.logical_and(keep, flat <= hi, out=keep)
+        _drop_ties(keep, flat == hi, drop_hi, first=False)
     flat.copy_(keep)
 
 
@@ -81,13 +274,13 @@ def _nth_true(flags: Tensor, m: int, *, from_end: bool) -> int:
 
     Counts chunk by chunk and lists positions only inside the chunk that holds the answer.
     """
-    chunks = list(enumerate(flags.split(_CHUNK)))
+    chunks = list(enumerate(flags.split(BLOCK)))
     seen = 0
     for index, chunk in reversed(chunks) if from_end else chunks:
         count = int(chunk.count_nonzero())
         if seen + count >= m:
             positions = torch.nonzero(chunk).squeeze(1)  # (count,)
-            return index * _CHUNK + int(positions[-(m - seen) if from_end else m - seen - 1])
+            return index * BLOCK + int(positions[-(m - seen) if from_end else m - seen - 1])
         seen += count
     raise ValueError(f"asked for true entry {m} of {seen}")
 
@@ -146,33 +339,6 @@ def _below(value: float) -> float:
     return float(np.nextafter(np.float32(value), np.float32(0)))
 
 
-def window_of(values: Tensor, start: int, stop: int) -> tuple[float | None, float | None, int, int]:
-    """Thresholds of ranks ``[start, stop)`` of flat ``values`` (``|delta|``; reordered on CPU).
-
-    Returns ``(lo, hi, drop_lo, drop_hi)``: the values at ranks ``start`` and ``stop - 1``
-    (``None`` when ``start <= 0`` / ``stop >= n``), how many entries tied at ``lo`` rank below
-    ``start`` (the first ones by position are dropped) and how many tied at ``hi`` rank at or
-    above ``stop`` (the last ones). Needs ``0 <= start < stop`` and ``start < n``.
-    """
-    n = values.numel()
-    want_lo, want_hi = start > 0, stop < n
-    ranks = ([start] if want_lo else []) + ([stop - 1] if want_hi else [])
-    if not ranks:
-        return None, None, 0, 0
-    bounds = [float(v) for v in order_statistics(values, ranks)]
-    lo = bounds[0] if want_lo else None
-    hi = bounds[-1] if want_hi else None
-    if values.device.type == "cpu":
-        # After the selection values[:start] <= lo and values[stop:] >= hi (numpy partition).
-        array = values.numpy()
-        drop_lo = int(np.count_nonzero(array[:start] == np.float32(lo))) if want_lo else 0
-        drop_hi = int(np.count_nonzero(array[stop:] == np.float32(hi))) if want_hi else 0
-    else:
-        drop_lo = start - int(torch.count_nonzero(values < lo)) if want_lo else 0
-        drop_hi = int(torch.count_nonzero(values <= hi)) - stop if want_hi else 0
-    return lo, hi, drop_lo, drop_hi
-
-
 def nth_equal(abs_chunk, n: int, size: int, value: float, m: int, *, from_end: bool) -> int:
     """Flat position of the ``m``-th (1-based) entry equal to ``value``, from either end.
 
@@ -194,52 +360,3 @@ def nth_equal(abs_chunk, n: int, size: int, value: float, m: int, *, from_end: b
             return start + int(positions[-(m - seen) if from_end else m - seen - 1])
         seen += count
     raise ValueError(f"asked for tied entry {m} of {seen}")
-
-
-def sampled_window(sample: np.ndarray, abs_chunk, n: int, size: int, start: int,
-                   stop: int, *, z: float = 6.0) -> tuple[float | None, float | None, int, int] | None:
-    """``window_of``'s result from one pass over ``|delta|`` instead of a full selection.
-
-    ``sample`` (``|delta|`` at evenly spaced positions; reordered) brackets each wanted rank
-    ``z`` standard errors wide; one pass (``abs_chunk(start, stop)`` per slice, CPU) counts the
-    entries below each bracket and collects those inside it, and only the collected ones are
-    selected from. Exact: returns ``None`` when a bracket misses its rank (the sample was
-    unrepresentative), and the caller falls back to ``window_of``.
-    """
-    want = ([("lo", start)] if start > 0 else []) + ([("hi", stop - 1)] if stop < n else [])
-    if not want:
-        return None, None, 0, 0
-    m = sample.size
-    brackets = []
-    for _, rank in want:
-        q = rank / n
-        margin = z * math.sqrt(q * (1 - q) / m) * m + 2
-        brackets.append((max(0, int(q * m - margin)), min(m - 1, math.ceil(q * m + margin))))
-    sample.partition(sorted({i for bracket in brackets for i in bracket}))
-    # A bracket at the sample's extremes is open-ended: tail ranks cannot miss it.
-    lowest, highest = np.float32(-np.inf), np.float32(np.inf)
-    bounds = [(lowest if i == 0 else sample[i], highest if j == m - 1 else sample[j])
-              for i, j in brackets]  # float32 scalars
-    below = [0] * len(want)
-    found: list[list[np.ndarray]] = [[] for _ in want]
-    for a, b in zip(range(0, n, size), range(size, n + size, size)):
-        values = abs_chunk(a, min(b, n)).numpy()
-        for k, (low, high) in enumerate(bounds):
-            inside = values >= low
-            below[k] += values.size - int(np.count_nonzero(inside))
-            inside &= values <= high
-            found[k].append(values[inside])  # a copy: the slice buffer is reused
-    result: dict[str, tuple[float, int]] = {}
-    for k, (kind, rank) in enumerate(want):
-        candidates = np.concatenate(found[k])
-        i = rank - below[k]
-        if not 0 <= i < candidates.size:
-            return None
-        candidates.partition(i)
-        value = candidates[i]
-        # Ties ranked outside the window: below `start` at lo, at or above `stop` at hi.
-        ties = candidates[:i] if kind == "lo" else candidates[i + 1:]
-        result[kind] = (float(value), int(np.count_nonzero(ties == value)))
-    lo, drop_lo = result.get("lo", (None, 0))
-    hi, drop_hi = result.get("hi", (None, 0))
-    return lo, hi, drop_lo, drop_hi

@@ -26,10 +26,11 @@ from torch import Tensor
 
 from orchestrator.merge import chunks
 from orchestrator.merge.selection import (
+    SAMPLE,
     Window,
     nth_equal,
     rank_window,
-    sampled_window,
+    window_from,
     window_of,
 )
 
@@ -37,8 +38,6 @@ Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_mag
 RescaleMode = Literal["l1", "density"]
 
 _L1_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
-SAMPLED_SELECTION_MIN = 1 << 20  # entries from which magnitude ranks use sampled_window
-SELECTION_SAMPLE = 1 << 16  # entries sampled to bracket a rank
 
 
 def magnitude(delta: Tensor, model: Any, generator: torch.Generator | None, out: Tensor) -> float:
@@ -79,12 +78,13 @@ def della_magprune(delta: Tensor, model: Any, generator: torch.Generator | None,
 
     Ranks run along dim 1 (a matrix's rows; a vector is one row): the smallest ``|delta|`` is
     kept with probability ``density - epsilon``, the largest with ``density + epsilon``,
-    linearly in rank between. A row of one entry uses ``density`` (mergekit computes 0/0 there
-    and torch.bernoulli raises).
+    linearly in rank between. Equal magnitudes rank by position (a stable sort; mergekit's
+    order among them is its unstable sort's). A row of one entry uses ``density`` (mergekit
+    computes 0/0 there and torch.bernoulli raises).
     """
     mags = delta.abs() if delta.dim() > 1 else delta.abs().unsqueeze(0)  # (r, c, ...)
     n = mags.shape[1]
-    order = mags.argsort(dim=1)  # (r, c, ...) ascending
+    order = mags.argsort(dim=1, stable=True)  # (r, c, ...) ascending, ties by position
     steps = torch.arange(n, dtype=mags.dtype, device=mags.device)
     steps = steps.view(1, n, *([1] * (mags.dim() - 2))).expand_as(order)
     probs = mags.scatter_(1, order, steps)  # (r, c, ...) rank 0..n-1 of each entry
@@ -327,17 +327,15 @@ def _window(tv: TaskVectors, j: int, start: int, stop: int, scratch: list[Tensor
     def abs_chunk(a: int, b: int) -> Tensor:
         return torch.abs(tv.read(j, a, b, buf), out=buf[: b - a])
 
-    found = None
-    if tv.device.type == "cpu" and tv.n >= SAMPLED_SELECTION_MIN:  # one pass, no |delta| copy
-        found = sampled_window(tv.sample(j, SELECTION_SAMPLE), abs_chunk, tv.n, tv.size, start,
-                               stop)
-    if found is None:  # small tensors, accelerators, or the sample missed: select exactly
+    if tv.device.type == "cpu":  # counting passes over the slices, no |delta| copy
+        found = window_from(abs_chunk, tv.n, tv.size, start, stop, tv.sample(j, SAMPLE))
+    else:  # accelerators: |delta| whole, then kthvalue
         if not scratch:
             scratch.append(tv.scratch("abs", tv.n))
         values = scratch[0]
         for a, b in chunks.spans(tv.n, tv.size):
             torch.abs(tv.read(j, a, b, buf), out=values[a:b])
-        found = window_of(values, start, stop)  # reorders values
+        found = window_of(values, start, stop)
     lo, hi, drop_lo, drop_hi = found
     if hi == 0:  # only zeros are kept
         return Window(empty=True)

@@ -45,11 +45,28 @@ def truncated_svd(matrix: Tensor, rank: int | None = None, *,
     ``k`` is ``rank`` (default: all) capped at the numerical rank, with the tolerance scaled by
     ``scale`` (default: the largest singular value of ``matrix``).
     """
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # (m, r), (r,), (r, n)
+    u, s, vh = svd(matrix)  # (m, r), (r,), (r, n)
     top = float(s[0]) if s.numel() else 0.0
     k = numerical_rank(s, rank_tol(matrix.shape, top if scale is None else scale))
     k = k if rank is None else min(rank, k)
     return u[:, :k], s[:k], vh[:k]
+
+
+def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)``, redone in float64 (then cast back)
+    where LAPACK's float32 divide and conquer fails to converge.
+
+    It fails on some matrices with many repeated singular values: Iso-CTS's concatenated
+    subspace bases for ``layers.12.self_attn.o_proj`` of the real bf16 pair (singular values
+    1 and sqrt(2), hundreds of times each) made the whole merge fail. Where float32 converges
+    the result is unchanged; float64 converges there and its triplets agree with float32's to
+    float32 precision (1e-5 relative on the merged tensor; ``tests/test_merge_bf16.py``).
+    """
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
 def polar(x: Tensor) -> Tensor:

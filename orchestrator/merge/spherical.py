@@ -10,6 +10,7 @@ of mass and mollifier smoothing" (the Karcher mean).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from orchestrator.merge.base import NoParams, check_bool, check_int, check_range
-from orchestrator.merge.linear import WeightParams, weighted_sum
+from orchestrator.merge import span
+from orchestrator.merge.linear import WeightParams
 
 
 @dataclass(frozen=True)
@@ -59,43 +61,44 @@ def multislerp(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[Weigh
                params: MultislerpParams, generator: torch.Generator | None) -> Tensor:
     """Barycentric interpolation on the hypersphere (of task vectors, with a base model).
 
+    Computed on the Gram matrix of the inputs (``span.py``): one pass to build it, one to
+    write the result, no ``(n, d)`` temporaries.
+
     Raises:
         ValueError: the weights sum to zero with ``normalize_weights``, or more than two
             non-zero inputs have directions whose weighted mean is zero (antipodal inputs).
     """
     if len(xs) == 1:
         return xs[0].float().clone()
-    weights = torch.tensor([m.weight for m in models], dtype=torch.float32, device=xs[0].device)
+    w = torch.tensor([m.weight for m in models], dtype=torch.float64)  # (n,)
     if params.normalize_weights:
-        if abs(float(weights.sum())) < 1e-8:
-            raise ValueError(f"weights sum to zero ({weights.tolist()}) with normalize_weights: true")
-        weights = weights / weights.sum()  # (n,)
-    x = torch.stack([t.float().reshape(-1) for t in xs])  # (n, d)
-    if base is not None:
-        x.sub_(base.float().reshape(-1))
-    # 1. Project each input onto the unit sphere; 2. take the normalised weighted mean direction.
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (n, 1)
-    units = x / (norms + params.eps)  # (n, d)
-    mean = weights @ units  # (d,)
-    mean_norm = torch.linalg.vector_norm(mean)
+        if abs(float(w.sum())) < 1e-8:
+            raise ValueError(f"weights sum to zero ({w.tolist()}) with normalize_weights: true")
+        w = w / w.sum()
+    g = span.gram(xs, base)  # (n, n) of v_i = x_i (- base)
+    norms = torch.sqrt(torch.diagonal(g).clamp(min=0.0))  # (n,)
+    # Coefficients on the v_i. 1. Project each onto the unit sphere (u_i = v_i / (|v_i| + eps));
+    # 2. the normalised weighted mean direction.
+    inv = 1.0 / (norms + params.eps)  # (n,)
+    mean = w * inv  # sum_i w_i u_i
+    mean_norm = span.norm_of(mean, g)
     if mean_norm < params.eps:
         # mergekit falls back to lerp for two inputs; we also do when every input is zero
         # (mergekit raises there), so identical models give the base instead of an error.
         if len(xs) == 2 or bool((norms <= params.eps).all()):
-            out = weighted_sum(list(x), weights.tolist()).reshape(xs[0].shape)
-            return out if base is None else out.add_(base.float())
+            return span.combine(xs, w.tolist(), base, add_base=base is not None)
         raise ValueError("the weighted mean of the inputs' directions is zero (antipodal inputs "
                          "whose weights cancel); use different weights")
     mean = mean / mean_norm
-    # 3. Weighted mean of the tangent vectors at `mean`; 4. map it back onto the sphere.
-    # (Analytically this tangent is zero; it only carries rounding, as in mergekit.)
-    tangents = units - (units @ mean).unsqueeze(1) * mean  # (n, d)
-    tangent = weights @ tangents  # (d,)
-    tangent_norm = torch.linalg.vector_norm(tangent) + params.eps
-    out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    # 3. Weighted mean of the tangent vectors at `mean`: sum_i w_i (u_i - (u_i . mean) mean);
+    # 4. map it back onto the sphere. (Analytically this tangent is zero, as in mergekit.)
+    along = (g @ mean) * inv  # (n,) u_i . mean
+    tangent = w * inv - float(w @ along) * mean
+    tangent_norm = span.norm_of(tangent, g) + params.eps
+    coefs = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
     # 5. Rescale by the weighted mean norm and add the base back.
-    out = out.mul_(weights @ norms.squeeze(1)).reshape(xs[0].shape)
-    return out if base is None else out.add_(base.float())
+    coefs = coefs * float(w @ norms)
+    return span.combine(xs, coefs.tolist(), base, add_base=base is not None)
 
 
 def karcher(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams],
@@ -103,34 +106,41 @@ def karcher(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams
     """Equal-weight Karcher (Riemannian) mean of the directions, times the mean norm.
 
     A base model, when given, is averaged in as one more model (mergekit adds it to the inputs).
+    The iteration runs on coefficients over the inputs' unit vectors with their Gram matrix
+    (``span.py``), so it costs two passes over the inputs whatever ``max_iter`` is.
     """
     tensors = [*xs, base] if base is not None else list(xs)
     if len(tensors) == 1:
         return tensors[0].float().clone()
-    x = torch.stack([t.float().reshape(-1) for t in tensors])  # (n, d)
-    norms = torch.linalg.vector_norm(x, dim=1)  # (n,)
-    units = x / torch.where(norms == 0, 1.0, norms).unsqueeze(1)  # (n, d); zero rows stay zero
+    g = span.gram(tensors)  # (n, n)
+    norms = torch.sqrt(torch.diagonal(g).clamp(min=0.0))  # (n,)
+    inv = torch.where(norms == 0, 0.0, 1.0 / torch.where(norms == 0, 1.0, norms))  # zero rows: 0
+    gu = g * inv.unsqueeze(0) * inv.unsqueeze(1)  # (n, n) Gram matrix of the unit vectors u_i
     valid = norms > params.tol  # (n,)
     if not bool(valid.any()):
         return torch.zeros_like(tensors[0], dtype=torch.float32)
-    alphas = valid.float() / valid.sum()  # (n,) equal weights over inputs with a direction
-    mean = _unit_or(alphas @ units, units[int(valid.nonzero()[0])], params.tol)  # (d,)
+    alphas = valid.double() / valid.sum()  # (n,) equal weights over inputs with a direction
+    first = torch.zeros_like(alphas)
+    first[int(valid.nonzero()[0])] = 1.0
+    mean = _unit_or(alphas, first, gu, params.tol)  # coefficients on the u_i
     for _ in range(params.max_iter):
         # Log map: tangent = sum_i a_i θ_i / sin θ_i (u_i - cos θ_i mean), skipping θ_i < tol.
-        cos = (units @ mean).clamp(-1.0, 1.0)  # (n,)
+        cos = (gu @ mean).clamp(-1.0, 1.0)  # (n,) u_i . mean
         theta = torch.arccos(cos)
         coef = torch.where(valid & (theta >= params.tol), alphas * theta / torch.sin(theta), 0.0)
-        tangent = coef @ units - (coef @ cos) * mean  # (d,)
-        tangent_norm = torch.linalg.vector_norm(tangent)
+        tangent = coef - float(coef @ cos) * mean
+        tangent_norm = span.norm_of(tangent, gu)
         if tangent_norm < params.tol:
             break
         # Exp map back onto the sphere, then renormalise against drift.
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        mean = _unit_or(mean, mean, params.tol)
-    return mean.mul_(norms.mean()).reshape(tensors[0].shape)
+        mean = math.cos(tangent_norm) * mean + math.sin(tangent_norm) * (tangent / tangent_norm)
+        mean = _unit_or(mean, mean, gu, params.tol)
+    coefs = mean * inv * float(norms.mean())  # on the inputs themselves
+    return span.combine(tensors, coefs.tolist())
 
 
-def _unit_or(v: Tensor, fallback: Tensor, tol: float) -> Tensor:
-    """``v / |v|``, or ``fallback`` (copied) when ``|v| < tol``."""
-    norm = torch.linalg.vector_norm(v)
-    return fallback.clone() if norm < tol else v / norm
+def _unit_or(c: Tensor, fallback: Tensor, gu: Tensor, tol: float) -> Tensor:
+    """``c / |c|`` (coefficients on unit vectors with Gram matrix ``gu``), or ``fallback``
+    when ``|c| < tol``."""
+    norm = span.norm_of(c, gu)
+    return fallback.clone() if norm < tol else c / norm

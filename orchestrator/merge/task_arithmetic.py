@@ -190,8 +190,8 @@ def _merge(tv: TaskVectors, models: Sequence[DeltaParams], params: Any,
     Sparsification is decided per task vector over the whole tensor first (magnitude
     thresholds, random masks, L1 norms); everything after is elementwise and runs per slice in
     a few cache-sized buffers, so the only full-size allocations are the result, one byte per
-    entry per random mask, and (magnitude ranks of tensors under 2**20 entries, or off CPU)
-    one ``|delta|`` scratch.
+    entry per random mask, and (magnitude ranks off CPU only) one ``|delta|`` scratch: on CPU
+    the ranks come from counting passes over the slices (``selection.py``).
     """
     rescale = getattr(params, "rescale_mode", "l1") if params.rescale else None  # task_arithmetic: none
     weights = [m.weight for m in models]
