@@ -323,3 +323,37 @@ def test_iso_cts_merges_the_real_tensor_whose_svd_did_not_converge():
     deltas = [tensors["ft_a"] - tensors["base"], tensors["ft_b"] - tensors["base"]]
     merged = _run("iso_cts", deltas, tensors["base"])  # raised LinAlgError before
     assert torch.isfinite(merged).all() and merged.abs().max() > 0
+
+
+@pytest.mark.parametrize("method, extra", [("model_stock", {}),
+                                           ("model_stock", {"filter_wise": True}),
+                                           ("karcher", {}), ("multislerp", {})])
+def test_any_dtype_methods_read_bf16_as_stored_with_the_same_bits(tmp_path, method, extra,
+                                                                  monkeypatch):
+    """Methods flagged ``any_dtype`` get the stored bf16 tensors in the streaming engine (no
+    whole float32 copies: ``StreamReader._read`` is never called) and give the bits that
+    float32 copies give (the CachedReader path the resident merge uses)."""
+    from orchestrator.engine import CachedReader, StreamReader, compute_tensor, open_models
+    from orchestrator.engine.plan import build_plan
+    from orchestrator.engine.recipe import Recipe
+    from tests.tiny import make_tiny_family
+
+    assert REGISTRY[method].any_dtype
+    family = make_tiny_family(tmp_path, dtype=torch.bfloat16)
+    recipe = Recipe.from_dict({
+        "models": [{"model": str(family[k]),
+                    **({"parameters": {"weight": w}} if method == "multislerp" else {})}
+                   for k, w in [("ft_a", 0.6), ("ft_b", 0.4)]],
+        "base_model": str(family["base"]), "merge_method": method, "parameters": extra})
+    weights = open_models(recipe)
+    plan = build_plan(recipe, weights)
+    cached = {t.name: compute_tensor(t, plan.method, CachedReader(weights, torch.device("cpu")), 0)
+              for t in plan.tasks}
+    reads = []
+    original = StreamReader._read
+    monkeypatch.setattr(StreamReader, "_read", lambda self, ref: reads.append(ref) or original(self, ref))
+    reader = StreamReader(weights, torch.device("cpu"))
+    streamed = {t.name: compute_tensor(t, plan.method, reader, 0) for t in plan.tasks}
+    assert reads == []
+    assert all(torch.equal(streamed[k], cached[k]) for k in cached)
+    assert all(v.dtype == torch.float32 for v in streamed.values() if v.is_floating_point())

@@ -158,9 +158,10 @@ def compute_tensor(task: TensorTask, method, reader: StreamReader, seed: int,
             xs = [reader.delta(ref, task.base) for ref in task.inputs]
             # The method returns a new tensor (the registry contract) or `out`: add in place.
             merged = method.fn(xs, base, task.model_params, task.params, gen, **extra).add_(base)
-        else:
-            base = reader.tensor(task.base) if task.base is not None else None
-            xs = [reader.tensor(ref) for ref in task.inputs]
+        else:  # whole tensors: float32 copies, or as stored where the method converts slices
+            read = reader.stored if method.any_dtype and reader.fused else reader.tensor
+            base = read(task.base) if task.base is not None else None
+            xs = [read(ref) for ref in task.inputs]
             merged = method.fn(xs, base, task.model_params, task.params, gen, **extra)
     except ValueError as err:  # methods raise ValueError for values they cannot merge with
         raise UserError(f"{' '.join(str(err).split())} (method '{method.name}', tensor "

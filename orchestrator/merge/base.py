@@ -72,6 +72,9 @@ class MergeMethod:
             shared base only when ``normalize_key`` is true) or ``never`` (full tensors).
         normalize_key: the global parameter that divides by the sum of the weights, if any
             (weights that always sum to zero cannot be searched with it on).
+        any_dtype: ``fn`` converts its inputs to float32 itself, a slice at a time, so the
+            streaming engine passes the tensors as stored (bf16 included) instead of whole
+            float32 copies; the result is the same bits (bf16 to float32 is exact).
     """
 
     name: str
@@ -89,6 +92,7 @@ class MergeMethod:
     keywords: frozenset[str] = frozenset()
     updates: Literal["always", "when_normalized", "never"] = "never"
     normalize_key: str | None = None
+    any_dtype: bool = False
 
     def __post_init__(self) -> None:
         if self.fused is not None and self.inputs != "deltas":
@@ -96,6 +100,9 @@ class MergeMethod:
         unknown = set(self.keywords) - {"out", "workspace"}
         if unknown:
             raise ValueError(f"method {self.name}: unknown optional keywords {sorted(unknown)}")
+        if self.any_dtype and self.inputs == "deltas":
+            raise ValueError(f"method {self.name}: any_dtype is for methods over whole tensors "
+                             "(task-vector methods have a fused variant instead)")
         if self.updates == "never" and self.inputs == "deltas":
             raise ValueError(f"method {self.name}: a method over task vectors merges updates")
 
