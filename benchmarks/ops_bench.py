@@ -3,8 +3,8 @@
 Each line times the two ways of doing one step on 16M float32 entries, one torch thread, best
 of several runs, and prints how many times slower the alternative we did not take is:
 
-- ``sparsify.MaskPlan.apply``: a bool mask to float, ``torch.Tensor.copy_`` vs ``np.copyto``;
-- ``sparsify._mask_plan``: ``u < density`` into a bool buffer, ``torch.lt`` vs ``np.less``;
+- ``sparsify.MaskSparsifier.apply``: a bool mask to float, ``torch.Tensor.copy_`` vs ``np.copyto``;
+- ``sparsify._mask_sparsifier``: ``u < density`` into a bool buffer, ``torch.lt`` vs ``np.less``;
 - ``selection.nth_equal``: ``x == value``, torch vs numpy;
 - ``selection.select_ranks``: one rank of bf16-like task-vector magnitudes (70% exact zeros,
   a few hundred distinct values) and of random float32, ``ndarray.partition`` (the

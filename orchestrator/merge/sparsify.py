@@ -220,7 +220,7 @@ class TaskVectors:
         return out.view(self.shape)
 
 
-class Plan:
+class Sparsifier:
     """How one task vector is sparsified, decided over the whole tensor, applied per slice.
 
     ``apply(delta, out, start, tmp)`` returns the sparsified and rescaled slice: ``delta`` itself
@@ -231,8 +231,8 @@ class Plan:
         return delta
 
 
-class _Scaled(Plan):
-    """Base of plans that rescale what they keep (``mul`` by an L1 ratio or ``div`` by density)."""
+class _Scaled(Sparsifier):
+    """Base of sparsifiers that rescale what they keep (``mul`` by an L1 ratio, ``div`` by density)."""
 
     scale: tuple[str, float] | None = None
 
@@ -243,7 +243,7 @@ class _Scaled(Plan):
         return out.mul_(value) if op == "mul" else out.div_(value)
 
 
-class WindowPlan(_Scaled):
+class WindowSparsifier(_Scaled):
     """Magnitude ranks as thresholds (``selection.Window``): no mask is stored."""
 
     def __init__(self, window: Window):
@@ -253,7 +253,7 @@ class WindowPlan(_Scaled):
         return self._rescale(self.window.apply(delta, out[: delta.numel()], start, tmp))
 
 
-class MaskPlan(_Scaled):
+class MaskSparsifier(_Scaled):
     """A stored keep mask (bool, one byte per entry), e.g. DARE's random draw."""
 
     def __init__(self, mask: Tensor):
@@ -268,7 +268,7 @@ class MaskPlan(_Scaled):
         return self._rescale(torch.mul(delta, mask, out=out[:n]))
 
 
-class StoredPlan(Plan):
+class StoredSparsifier(Sparsifier):
     """The sparsified task vector computed whole (DELLA: per-row ranks), sliced."""
 
     def __init__(self, kept: Tensor):
@@ -278,9 +278,9 @@ class StoredPlan(Plan):
         return self.kept[start:start + delta.numel()]
 
 
-def plans(tv: TaskVectors, models: Sequence[Any], method: Sparsification | None, *,
-          rescale: RescaleMode | None, generator: torch.Generator | None) -> list[Plan]:
-    """One plan per task vector, in order (random masks are drawn model after model).
+def sparsifiers(tv: TaskVectors, models: Sequence[Any], method: Sparsification | None, *,
+          rescale: RescaleMode | None, generator: torch.Generator | None) -> list[Sparsifier]:
+    """One sparsifier per task vector, in order (random masks are drawn model after model).
 
     Gives the same kept entries and random draws as ``sparsify`` on each whole task vector;
     rescale factors are the same ratios, with the L1 norms summed slice by slice.
@@ -289,19 +289,19 @@ def plans(tv: TaskVectors, models: Sequence[Any], method: Sparsification | None,
     out = []
     for j, model in enumerate(models):
         if method is None or model.density >= 1 or tv.n == 0:
-            out.append(Plan())
+            out.append(Sparsifier())
         elif method in ("magnitude", "magnitude_outliers"):
-            out.append(_window_plan(tv, j, model, method, rescale, scratch))
+            out.append(_window_sparsifier(tv, j, model, method, rescale, scratch))
         elif method == "random":
-            out.append(_mask_plan(tv, j, model, rescale, generator))
+            out.append(_mask_sparsifier(tv, j, model, rescale, generator))
         else:  # della_magprune: ranks per row; computed whole, as sparsify does
-            out.append(StoredPlan(sparsify(tv.whole(j), model, method, rescale=rescale,
+            out.append(StoredSparsifier(sparsify(tv.whole(j), model, method, rescale=rescale,
                                            generator=generator)))
     return out
 
 
-def _window_plan(tv: TaskVectors, j: int, model: Any, method: str, rescale: RescaleMode | None,
-                 scratch: list[Tensor]) -> Plan:
+def _window_sparsifier(tv: TaskVectors, j: int, model: Any, method: str, rescale: RescaleMode | None,
+                 scratch: list[Tensor]) -> Sparsifier:
     n = tv.n
     if method == "magnitude":  # the same ranks as magnitude() / magnitude_outliers()
         start, stop = n - max(1, int(model.density * n)), n
@@ -315,10 +315,10 @@ def _window_plan(tv: TaskVectors, j: int, model: Any, method: str, rescale: Resc
         window = Window()
     else:
         window = _window(tv, j, start, stop, scratch)
-    plan = WindowPlan(window)
-    plan.scale = _l1_scale(tv, j, plan) if rescale == "l1" else (
+    sparsifier = WindowSparsifier(window)
+    sparsifier.scale = _l1_scale(tv, j, sparsifier) if rescale == "l1" else (
         ("div", model.density) if rescale == "density" else None)
-    return plan
+    return sparsifier
 
 
 def _window(tv: TaskVectors, j: int, start: int, stop: int, scratch: list[Tensor]) -> Window:
@@ -347,8 +347,8 @@ def _window(tv: TaskVectors, j: int, start: int, stop: int, scratch: list[Tensor
     return Window(lo=None if lo == 0 else lo, hi=hi, lo_cut=lo_cut, hi_cut=hi_cut)
 
 
-def _mask_plan(tv: TaskVectors, j: int, model: Any, rescale: RescaleMode | None,
-               generator: torch.Generator | None) -> Plan:
+def _mask_sparsifier(tv: TaskVectors, j: int, model: Any, rescale: RescaleMode | None,
+               generator: torch.Generator | None) -> Sparsifier:
     """DARE: keep each entry where ``uniform(0, 1) < density``, drawn slice by slice (the same
     stream as one ``uniform_`` over the whole tensor); L1 norms in the same pass."""
     gen = _required(generator)
@@ -372,21 +372,22 @@ def _mask_plan(tv: TaskVectors, j: int, model: Any, rescale: RescaleMode | None,
             else:
                 u.copy_(keep)
             after += float(torch.dot(magnitude, u))
-    plan = MaskPlan(mask)
+    sparsifier = MaskSparsifier(mask)
     if rescale == "l1":
-        plan.scale = ("mul", before / after) if before >= _L1_EPS and after >= _L1_EPS else None
+        big = before >= _L1_EPS and after >= _L1_EPS
+        sparsifier.scale = ("mul", before / after) if big else None
     elif rescale == "density":
-        plan.scale = ("div", model.density)
-    return plan
+        sparsifier.scale = ("div", model.density)
+    return sparsifier
 
 
-def _l1_scale(tv: TaskVectors, j: int, plan: Plan) -> tuple[str, float] | None:
+def _l1_scale(tv: TaskVectors, j: int, sparsifier: Sparsifier) -> tuple[str, float] | None:
     """mergekit's L1 rescale: ``sum |delta| / sum |kept|`` (none when either is tiny)."""
     buf, kept, tmp = tv.buffers("l1_", 3)
     before = after = 0.0
     for a, b in chunks.spans(tv.n, tv.size):
         d = tv.read(j, a, b, buf)
-        after += float(torch.abs(plan.apply(d, kept, a, tmp), out=kept[: b - a]).sum())
+        after += float(torch.abs(sparsifier.apply(d, kept, a, tmp), out=kept[: b - a]).sum())
         before += float(torch.abs(d, out=tmp[: b - a]).sum())
     if before >= _L1_EPS and after >= _L1_EPS:
         return ("mul", before / after)

@@ -30,7 +30,7 @@ from orchestrator.merge import chunks
 from orchestrator.merge.base import check_bool, check_choice, check_range
 from orchestrator.merge.consensus import disjoint_merge
 from orchestrator.merge.sparsify import Sparsification, TaskVectors
-from orchestrator.merge.sparsify import plans as sparsify_plans
+from orchestrator.merge.sparsify import sparsifiers
 
 RESCALE_MODES = ("l1", "density")
 SIGN_METHODS = ("weighted_sum", "sum")
@@ -196,7 +196,7 @@ def _merge(tv: TaskVectors, models: Sequence[DeltaParams], params: Any,
     rescale = getattr(params, "rescale_mode", "l1") if params.rescale else None  # task_arithmetic: none
     weights = [m.weight for m in models]
     # 1. Sparsify: decide what each task vector keeps (drawing random masks model by model).
-    plans = sparsify_plans(tv, models, sparsification, rescale=rescale, generator=generator)
+    trims = sparsifiers(tv, models, sparsification, rescale=rescale, generator=generator)
     result = torch.empty(tv.shape, dtype=torch.float32, device=tv.device) if out is None else out
     flat_out = result.view(-1)  # (n,) the merged tensor
     size = tv.size
@@ -206,8 +206,8 @@ def _merge(tv: TaskVectors, models: Sequence[DeltaParams], params: Any,
     for start, stop in chunks.spans(tv.n, size):
         o = flat_out[start:stop]
         m = stop - start
-        trimmed = [plan.apply(tv.read(j, start, stop, buf), buf[:m], start, tmp)
-                   for j, (plan, buf) in enumerate(zip(plans, bufs))]
+        trimmed = [trim.apply(tv.read(j, start, stop, buf), buf[:m], start, tmp)
+                   for j, (trim, buf) in enumerate(zip(trims, bufs))]
         if consensus:
             # 2-3. Elect signs, sum the agreeing weighted deltas.
             mixed, divisor = disjoint_merge(trimmed, weights, params.sign_method,
