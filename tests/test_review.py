@@ -176,7 +176,10 @@ def test_the_parent_run_carries_the_verdict_and_the_best_trial_is_tagged(study):
     assert outcome.summary["verdict"] in note and str(runs / "debug" / "best") in note
     assert "from_pretrained" in note
     exp = c.get_experiment(parent.info.experiment_id)
-    assert exp.tags["mlflow.note.content"] == note and exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    index = exp.tags["mlflow.note.content"]  # the experiment lists its studies, this one included
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "### [debug](#/experiments/" in index and outcome.parent_run_id in index
+    assert outcome.summary["verdict"] in index and f"trial {outcome.best.trial} " in index
     for method in ("task_arithmetic", "ties", "dare_ties"):
         assert f"{method}.trials_complete" in parent.data.metrics
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -288,3 +291,29 @@ def test_a_moved_store_still_serves_every_artifact_through_the_ui(study, tmp_pat
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_experiment_note_lists_every_study_newest_first_within_mlflows_limit():
+    """Several studies share one experiment: its description must not show only the last one
+    (the demo's runs page was titled "Study demo-s2" while filtered to study demo)."""
+    from types import SimpleNamespace as NS
+
+    from orchestrator.tracking.review import NOTE_LIMIT, experiment_note
+
+    def run(name, start, verdict=None):
+        tags = {"mo.study": name, "mo.kind": "study"}
+        if verdict:
+            tags.update({"mo.verdict": verdict, "mo.best_merge": f"best of {name}"})
+        return NS(info=NS(run_id=f"id-{name}", run_name=f"study:{name}", start_time=start),
+                  data=NS(tags=tags))
+
+    text = experiment_note([run("demo", 1, "demo verdict"), run("demo-s2", 3, "s2 verdict"),
+                            run("running", 2)], "7")
+    assert text.index("[demo-s2](#/experiments/7/runs/id-demo-s2)") < text.index("[running]") \
+        < text.index("[demo](#/experiments/7/runs/id-demo)")
+    assert "s2 verdict" in text and "demo verdict" in text and "best of demo" in text
+    assert "no verdict yet" in text
+    many = [run(f"s{i}", i, "v" * 500) for i in range(100)]
+    text = experiment_note(many, "7")
+    assert len(text) <= 20000 and "[s99]" in text and "[s0]" not in text and "older studies" in text
+    assert len(text) <= NOTE_LIMIT + 100

@@ -2,8 +2,9 @@
 
 ``log_review`` writes, on the study's parent run: the note (``mlflow.note.content``, shown as
 the run's description) with the winner, its confirm score and interval, the paired difference
-to the best parent with its interval and p-value, where ``best/`` is and how to load it; the
-same note on the experiment; metrics per method (best confirm, trials completed and pruned);
+to the best parent with its interval and p-value, where ``best/`` is and how to load it; on
+the experiment, an index of its studies (each one's verdict, best merge and parent run, newest
+first: several studies share one experiment); metrics per method (best confirm, trials completed and pruned);
 the report files and figures as artifacts; ``mo.best=true`` on the best trial's run; and the
 best merge in the Model Registry (``registry.register_best``).
 """
@@ -16,6 +17,8 @@ from typing import Any
 
 NOTE = "mlflow.note.content"
 BEST_TAG = "mo.best"
+VERDICT_TAG, BEST_MERGE_TAG = "mo.verdict", "mo.best_merge"
+NOTE_LIMIT = 19_000  # characters of the experiment's description (MLflow's limit is 20000)
 
 
 def note(summary: Mapping[str, Any], best_dir: Path | None, registered: str | None) -> str:
@@ -42,6 +45,28 @@ def note(summary: Mapping[str, Any], best_dir: Path | None, registered: str | No
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{best_dir}\")", "```"]
     lines += ["", "Files: `report.html` (the comparison with intervals and plots), `summary.json`, "
               "`confirm_items.csv`, `trials.csv`, `comparison.md`, `plots/`."]
+    return "\n".join(lines)
+
+
+def experiment_note(studies: Iterable[Any], experiment_id: str) -> str:
+    """The experiment's description: one entry per study parent run (MLflow ``Run`` objects
+    tagged ``mo.kind=study``), newest first, with its verdict and a link to its run."""
+    ordered = sorted(studies, key=lambda r: (r.info.start_time or 0, r.info.run_id), reverse=True)
+    lines = ["## Studies in this experiment", "",
+             "Newest first. Each study's parent run (`study:<name>`) holds its full review: "
+             "the verdict, the table with intervals, `report.html` and the plots."]
+    for i, run in enumerate(ordered):
+        tags = run.data.tags
+        name = tags.get("mo.study", run.info.run_name)
+        link = f"#/experiments/{experiment_id}/runs/{run.info.run_id}"
+        entry = ["", f"### [{name}]({link})", "",
+                 tags.get(VERDICT_TAG) or "_not finished: no verdict yet_"]
+        if tags.get(BEST_MERGE_TAG):
+            entry += ["", f"Best merge: {tags[BEST_MERGE_TAG]}"]
+        if sum(len(x) + 1 for x in lines + entry) > NOTE_LIMIT:  # MLflow keeps 20000 characters
+            lines += ["", f"... and {len(ordered) - i} older studies (their parent runs)."]
+            break
+        lines += entry
     return "\n".join(lines)
 
 
@@ -77,9 +102,17 @@ def log_review(tracker: Any, summary: Mapping[str, Any], files: Mapping[str, Any
         return
     pid = tracker.parent_id
     text = note(summary, best_dir, registered)
-    tracker.set_tags(pid, {NOTE: text, "best_trial": best_trial,
-                           "best_method": (summary.get("best") or {}).get("method")})
-    tracker.client.set_experiment_tag(tracker.experiment_id, NOTE, text)
+    best = summary.get("best") or {}
+    where = f"`{best_dir}`" + (f" (`{registered}`)" if registered else "") if best_dir else ""
+    best_merge = (f"trial {best['trial']} ({best['method']}), confirm "
+                  f"{_f((best.get('confirm') or {}).get('objective'))}" + (f", {where}" if where else "")
+                  if best else None)
+    tracker.set_tags(pid, {NOTE: text, "best_trial": best_trial, "best_method": best.get("method"),
+                           VERDICT_TAG: summary["verdict"], BEST_MERGE_TAG: best_merge})
+    studies = tracker.client.search_runs([tracker.experiment_id], "tags.`mo.kind` = 'study'",
+                                         max_results=1000)
+    tracker.client.set_experiment_tag(tracker.experiment_id, NOTE,
+                                      experiment_note(studies, tracker.experiment_id))
     tracker.log_metrics(pid, method_metrics(summary))
     for name, value in files.items():
         tracker.log_artifact(pid, name, value)
