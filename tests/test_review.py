@@ -317,3 +317,34 @@ def test_the_experiment_note_lists_every_study_newest_first_within_mlflows_limit
     text = experiment_note(many, "7")
     assert len(text) <= 20000 and "[s99]" in text and "[s0]" not in text and "older studies" in text
     assert len(text) <= NOTE_LIMIT + 100
+
+
+def test_optuna_figures_stay_readable_with_many_parameters_and_trials():
+    """A data-flow study (24+ parameters, 40 trials with rungs) made an 8000-pixel slice plot and
+    an intermediate-values legend of every trial that squeezed the axes to nothing."""
+    import io
+    import warnings
+
+    import optuna
+
+    from orchestrator.report.plots import SLICE_MAX, close, optuna_figures
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        xs = [trial.suggest_float(f"p{i:02d}", 0, 1) for i in range(30)]
+        for step in (60, 180):
+            trial.report(xs[3] + 0.1 * xs[7] + step / 1e4, step)
+        return xs[3] + 0.1 * xs[7]
+
+    study.optimize(objective, n_trials=40)
+    figures = dict(optuna_figures({"": study}, multi_objective=False))
+    panels = [ax for ax in figures["slice"].axes if ax.get_xlabel().startswith("p")]
+    assert len(panels) == SLICE_MAX and "p03" in {ax.get_xlabel() for ax in panels}
+    assert all(ax.get_legend() is None for ax in figures["intermediate_values"].axes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied"
+        for fig in figures.values():
+            fig.savefig(io.BytesIO(), bbox_inches="tight", dpi=50)
+            close(fig)

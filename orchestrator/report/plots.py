@@ -88,9 +88,36 @@ def optuna_figures(studies: Mapping[str, Any], multi_objective: bool) -> Iterato
               "intermediate_values": ovm.plot_intermediate_values, "slice": ovm.plot_slice})
     for prefix, study in studies.items():
         for name, fn in plots.items():
+            top = slice_params(study) if name == "slice" else None
+            if top:
+                fn = (lambda st, top=top: ovm.plot_slice(st, params=top))
             fig = _draw(fn, study)
+            if fig is not None and top:
+                fig.suptitle(f"Slice plot: the {len(top)} most important parameters "
+                             "(every one in optuna_interactive.html)")
             if fig is not None:
                 yield (f"{prefix}/{name}" if prefix else name), fig
+
+
+SLICE_MAX = 8  # panels of the static slice plot (the interactive page shows every parameter)
+LEGEND_MAX = 12  # trials named in a static intermediate-values legend
+
+
+def slice_params(study: Any) -> list[str] | None:
+    """The ``SLICE_MAX`` most important parameters when a study has more (a data-flow genome
+    has dozens: one panel each made a figure 8000 pixels wide), else None (all of them)."""
+    names = {k for t in study.get_trials(deepcopy=False) for k in t.params}
+    if len(names) <= SLICE_MAX:
+        return None
+    from optuna.importance import get_param_importances
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ranked = list(get_param_importances(study))
+        except Exception:  # noqa: BLE001 - too few complete trials: first ones by name
+            ranked = []
+    return (ranked + sorted(names - set(ranked)))[:SLICE_MAX]
 
 
 def optuna_interactive(studies: Mapping[str, Any], multi_objective: bool) -> str | None:
@@ -127,6 +154,10 @@ def _draw(fn: Any, study: Any, matplotlib: bool = True) -> Any | None:
         return out
     fig = out.figure if hasattr(out, "figure") else out.flat[0].figure
     fig.set_layout_engine("constrained")
+    for ax in fig.axes:  # a legend of every trial squeezed the axes to nothing (40+ trials)
+        legend = ax.get_legend()
+        if legend is not None and len(legend.get_texts()) > LEGEND_MAX:
+            legend.remove()
     if fig.legends or any(ax.get_legend() for ax in fig.axes):
         for ax in fig.axes:  # legends outside the axes would be cut: keep them inside
             legend = ax.get_legend()
