@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.merge.selection import _radix, sample_of, select_ranks  # noqa: E402
+from orchestrator.merge.selection import _radix, row_order, sample_of, select_ranks  # noqa: E402
 
 
 def best(fn, repeats: int = 5) -> float:
@@ -72,6 +72,7 @@ def main() -> None:
     counts = torch.randint(0, 3, (n,), generator=gen).float()
     tied = bf16_magnitudes(n, gen)
     bins = (tied.numpy().view(np.int32) >> 16) + (1 << 15)
+    rows576 = tied[: n // 576 * 576].view(-1, 576)  # DELLA ranks along rows
 
     def select(values: torch.Tensor) -> None:
         select_ranks(lambda a, b: values[a:b], n, 1 << 16, [n // 2, n - n // 100],
@@ -108,6 +109,8 @@ def main() -> None:
          best(lambda: np.count_nonzero(x.numpy() < np.float32(value)))),
         ("bincount of int32 bins: numpy vs torch", best(lambda: np.bincount(bins, minlength=1 << 16)),
          best(lambda: torch.bincount(torch.from_numpy(bins), minlength=1 << 16))),
+        ("bf16 tied rows of 576: torch stable argsort vs row_order",
+         best(lambda: rows576.argsort(dim=1, stable=True), 3), best(lambda: row_order(rows576), 3)),
         ("zero counts -> 1: masked_fill_ vs clamp_", best(lambda: counts.clone().masked_fill_(counts == 0, 1.0)),
          best(lambda: counts.clone().clamp_(min=1.0))),
     ]

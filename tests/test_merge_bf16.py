@@ -123,6 +123,50 @@ def test_ties_at_the_top_k_cut_keep_the_later_positions():
         assert work.tolist() == [0.0] * 4 + [1.0] * 6 + [0.0] * 5 + [1.0] * 3 + [0.0] * 2
 
 
+
+def _rows_cases() -> dict[str, torch.Tensor]:
+    _, (d, e) = bf16_pair(1536 * 96, seed=3)
+    bf16 = d.view(1536, 96).abs()
+    few, many = bf16.clone(), bf16.clone()
+    for t, every in ((few, 20), (many, 7)):  # values that are not bf16 numbers, in 1 row of `every`
+        t[::every, 5] = 1e-3 + torch.arange(t[::every].shape[0]) * 1e-9
+        t[::every, 9] = t[::every, 5]  # tied with one
+    return {
+        "bf16 deltas": bf16,
+        "a few rows with non-bf16 values (those rows by torch)": few,
+        "many rows with non-bf16 values (dense keys)": many,
+        "float32 values, 100k distinct (torch path)": torch.rand(400, 250, generator=torch.Generator().manual_seed(1)),
+        "all zero and all equal rows": torch.cat([torch.zeros(3, 40), torch.full((3, 40), 0.25)]),
+        "one column": e.view(-1, 1)[:500].abs(),
+        "one row": e[:3000].abs().view(1, -1),
+        "negative values (torch path)": d.view(1536, 96),
+        "float64 (torch path)": bf16.double(),
+        "three dimensions (torch path)": bf16.reshape(96, 16, 96),
+    }
+
+
+@pytest.mark.parametrize("case", list(_rows_cases()))
+def test_row_order_equals_a_stable_argsort(case):
+    # DELLA's per-row ranks: numpy's 16-bit radix sort on bf16 rows, torch's sort elsewhere.
+    mags = _rows_cases()[case]
+    assert torch.equal(selection.row_order(mags), mags.argsort(dim=1, stable=True))
+
+
+def test_della_on_bf16_deltas_equals_the_stable_sort_reference():
+    from types import SimpleNamespace
+
+    from orchestrator.merge.sparsify import sparsify
+    _, (d, _) = bf16_pair(2048 * 64, seed=5)
+    delta = d.view(2048, 64)
+    model = SimpleNamespace(density=0.4, epsilon=0.15)
+    got = sparsify(delta, model, "della_magprune", rescale="density",
+                   generator=torch.Generator().manual_seed(9))
+    ranks = torch.empty(delta.shape).scatter_(
+        1, delta.abs().argsort(dim=1, stable=True), torch.arange(64.0).expand(2048, 64))
+    probs = ranks * (2 * 0.15 / 63) + (0.4 - 0.15)  # the rank's keep probability
+    keep = torch.empty(delta.shape).uniform_(generator=torch.Generator().manual_seed(9)) < probs
+    assert torch.equal(got, delta * keep / probs)
+
 # generalized task arithmetic: ties, breadcrumbs ----------------------------------------------------
 
 def ties_reference(deltas, weights, masks, normalize=True) -> torch.Tensor:

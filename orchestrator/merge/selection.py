@@ -35,6 +35,7 @@ other devices ``torch.kthvalue`` is used.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -360,3 +361,54 @@ def nth_equal(abs_chunk, n: int, size: int, value: float, m: int, *, from_end: b
             return start + int(positions[-(m - seen) if from_end else m - seen - 1])
         seen += count
     raise ValueError(f"asked for tied entry {m} of {seen}")
+
+
+def row_order(mags: Tensor) -> Tensor:
+    """``mags.argsort(dim=1, stable=True)`` for non-negative float32 ``mags`` (r, c, ...): the
+    ascending order within each row, equal values by position (DELLA's magnitude ranks).
+
+    A non-negative float orders as its int32 bit pattern, and a difference of two bf16 numbers
+    is almost always a bf16 number: its low 16 bits are zero. On the CPU, rows whose entries
+    all are bf16 numbers are sorted by their high 16 bits with numpy's stable sort, which is a
+    radix sort on 16-bit keys (about 7 ns per entry, against 18-36 for torch's stable float32
+    sort of the same rows; ops_bench). When at most an eighth of the rows hold other values
+    (a few percent of the real pair's rows do), those rows use torch's stable sort; when more
+    do, every value is replaced by its rank among the tensor's distinct values (if under
+    65,536) and the rows are radix sorted on that. Other devices, dtypes or shapes use torch's
+    stable sort. The order is the same in every case.
+    """
+    if mags.device.type == "cpu" and mags.dim() == 2 and mags.dtype == torch.float32 \
+            and mags.numel() > 0:
+        halves = mags.contiguous().view(torch.int32).numpy().view(np.uint16)  # (r, 2c)
+        high, low = (halves[:, 1::2], halves[:, 0::2]) if sys.byteorder == "little" else \
+            (halves[:, 0::2], halves[:, 1::2])
+        if int(high.max()) < 0x8000:  # no negative value
+            odd = np.flatnonzero((low != 0).any(axis=1))  # rows with non-bf16 values
+            keys = high
+            if odd.size > mags.shape[0] // 8:  # many: all rows on dense ranks of the values
+                keys = _dense_keys(mags.view(-1).view(torch.int32).numpy(), high, low)
+                odd = odd[:0]
+            if keys is not None:
+                order = torch.from_numpy(np.argsort(keys, axis=1, kind="stable"))
+                if odd.size:  # few: those rows through torch
+                    rows = torch.from_numpy(odd)
+                    order[rows] = mags[rows].argsort(dim=1, stable=True)
+                return order
+    return mags.argsort(dim=1, stable=True)
+
+
+def _dense_keys(bits: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray | None:
+    """uint16 keys (r, c) ordering as the non-negative floats of int32 ``bits`` (r * c,) do:
+    each value's rank among the distinct values; None over 65,535 distinct values."""
+    seen = np.zeros(1 << 15, dtype=bool)
+    seen[high] = True
+    present = np.flatnonzero(seen).astype(np.int64)
+    odd = np.flatnonzero(low.reshape(-1))  # flat positions of the non-bf16 values
+    distinct = np.union1d(present << 16, bits[odd].astype(np.int64))
+    if distinct.size > 0xFFFF:
+        return None
+    table = np.zeros(1 << 15, dtype=np.uint16)
+    table[present] = np.searchsorted(distinct, present << 16)
+    keys = table[high]
+    keys.reshape(-1)[odd] = np.searchsorted(distinct, bits[odd].astype(np.int64))
+    return keys

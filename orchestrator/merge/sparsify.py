@@ -30,6 +30,7 @@ from orchestrator.merge.selection import (
     Window,
     nth_equal,
     rank_window,
+    row_order,
     window_from,
     window_of,
 )
@@ -84,7 +85,7 @@ def della_magprune(delta: Tensor, model: Any, generator: torch.Generator | None,
     """
     mags = delta.abs() if delta.dim() > 1 else delta.abs().unsqueeze(0)  # (r, c, ...)
     n = mags.shape[1]
-    order = mags.argsort(dim=1, stable=True)  # (r, c, ...) ascending, ties by position
+    order = row_order(mags)  # (r, c, ...) ascending, ties by position (a stable sort)
     steps = torch.arange(n, dtype=mags.dtype, device=mags.device)
     steps = steps.view(1, n, *([1] * (mags.dim() - 2))).expand_as(order)
     probs = mags.scatter_(1, order, steps)  # (r, c, ...) rank 0..n-1 of each entry
