@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.tracking.runs import KIND_TAG, STUDY_TAG, TRIAL_TAG
+
 NOTE = "mlflow.note.content"
 BEST_TAG = "mo.best"
 VERDICT_TAG, BEST_MERGE_TAG = "mo.verdict", "mo.best_merge"
@@ -57,7 +59,7 @@ def experiment_note(studies: Iterable[Any], experiment_id: str) -> str:
              "the verdict, the table with intervals, `report.html` and the plots."]
     for i, run in enumerate(ordered):
         tags = run.data.tags
-        name = tags.get("mo.study", run.info.run_name)
+        name = tags.get(STUDY_TAG, run.info.run_name)
         link = f"#/experiments/{experiment_id}/runs/{run.info.run_id}"
         entry = ["", f"### [{name}]({link})", "",
                  tags.get(VERDICT_TAG) or "_not finished: no verdict yet_"]
@@ -109,7 +111,7 @@ def log_review(tracker: Any, summary: Mapping[str, Any], files: Mapping[str, Any
                   if best else None)
     tracker.set_tags(pid, {NOTE: text, "best_trial": best_trial, "best_method": best.get("method"),
                            VERDICT_TAG: summary["verdict"], BEST_MERGE_TAG: best_merge})
-    studies = tracker.client.search_runs([tracker.experiment_id], "tags.`mo.kind` = 'study'",
+    studies = tracker.client.search_runs([tracker.experiment_id], f"tags.`{KIND_TAG}` = 'study'",
                                          max_results=1000)
     tracker.client.set_experiment_tag(tracker.experiment_id, NOTE,
                                       experiment_note(studies, tracker.experiment_id))
@@ -120,6 +122,6 @@ def log_review(tracker: Any, summary: Mapping[str, Any], files: Mapping[str, Any
         tracker.log_figure(pid, fig, f"plots/{name}.png")
     if best_trial is not None:
         for run in tracker.children():
-            is_best = run.data.tags.get("mo.trial") == str(best_trial)
+            is_best = run.data.tags.get(TRIAL_TAG) == str(best_trial)
             if is_best or run.data.tags.get(BEST_TAG) == "true":
                 tracker.set_tags(run.info.run_id, {BEST_TAG: "true" if is_best else "false"})
