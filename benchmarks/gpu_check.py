@@ -40,7 +40,8 @@ def check_cuda(device: str) -> str | None:
     return None
 
 
-def run_trials(trial, methods: list[str], pair: dict, rounds: int) -> list[dict]:
+def run_trials(trial, methods: list[str], pair: dict, rounds: int,
+               max_rungs: int | None = None) -> list[dict]:
     """``rounds`` x ``methods`` trials (merge then evaluate); one record per trial."""
     from real_bench import recipe_for
 
@@ -48,7 +49,7 @@ def run_trials(trial, methods: list[str], pair: dict, rounds: int) -> list[dict]
     for r in range(rounds):
         for method in methods:
             merge_s = trial.merge(recipe_for(method, pair))
-            result = trial.evaluate()
+            result = trial.evaluate(max_rungs)
             rec = {"round": r, "method": method, "merge_s": merge_s, "eval_s": result["seconds"],
                    "first_rung_s": result["rungs"][0], "items": result["items"],
                    "score": result["score"]}
@@ -81,10 +82,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed rounds over the methods, after one warm-up round")
     parser.add_argument("--pair-dir", default=None,
                         help="real pair folder (default $MO_REAL_PAIR_DIR or the user cache)")
+    parser.add_argument("--rungs", type=int, default=None,
+                        help="evaluate only the first N search rungs (default: all, an unpruned "
+                             "trial; 1 is what a pruned trial costs)")
     parser.add_argument("--json", default=None, help="also write every trial's record to FILE")
     args = parser.parse_args(argv)
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
+    if args.trials < 0 or (args.rungs is not None and args.rungs < 1):
+        print(f"error: --trials must be >= 0 and --rungs >= 1 (got {args.trials}, {args.rungs})",
+              file=sys.stderr)
+        return 2
     reason = check_cuda(args.device)
     if reason:
         print(f"error: {reason}", file=sys.stderr)
@@ -112,7 +120,7 @@ def _run(args) -> int:
     print(f"resident model loaded on {args.device} in {time.perf_counter() - start:.1f}s "
           f"({next(trial.evaluator.model.parameters()).dtype})", flush=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    records = run_trials(trial, methods, pair, args.trials + 1)
+    records = run_trials(trial, methods, pair, args.trials + 1, args.rungs)
     if args.device.startswith("cuda"):
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(args.device) / 2**30:.2f} GiB "
               f"(merge cache {trial.merger.cache_bytes() / 2**30:.2f} GiB)")

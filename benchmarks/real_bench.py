@@ -409,11 +409,14 @@ class Trial:
         _sync(self.evaluator.model)
         return time.perf_counter() - start
 
-    def evaluate(self) -> dict[str, Any]:
-        """All search rungs, as an unpruned trial: seconds to each rung, items, final score."""
+    def evaluate(self, max_rungs: int | None = None) -> dict[str, Any]:
+        """The search rungs (all, as an unpruned trial, or the first ``max_rungs``, as a
+        pruned one): seconds to each rung, items, the last rung's score."""
         start, rungs, last = time.perf_counter(), [], None
         for last in self.evaluator.evaluate_rungs("search"):
             rungs.append(time.perf_counter() - start)
+            if max_rungs is not None and len(rungs) >= max_rungs:
+                break
         return {"rungs": rungs, "items": last.n_items, "score": last.score,
                 "seconds": rungs[-1]}
 
