@@ -399,11 +399,11 @@ class Trial:
 
     def merge(self, recipe: dict) -> float:
         """One trial's merge as ``Resident.merge`` does it (merge, NaN check, reset); seconds."""
-        import torch
+        from orchestrator.engine import all_finite
 
         start = time.perf_counter()
         self.merger.merge_into(recipe, seed=self.seed)
-        if not all(torch.isfinite(p).all() for p in self.evaluator.model.parameters()):
+        if not all_finite(self.evaluator.model.parameters()):
             raise FloatingPointError("the merge produced NaN or inf weights")
         self.evaluator.reset()
         _sync(self.evaluator.model)
@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit-yaml")
     parser.add_argument("--no-f32-check", dest="f32_check", action="store_false",
                         help="skip the untimed float32-compute agreement runs")
+    parser.add_argument("--no-disk", action="store_true",
+                        help="skip the CLI runs (both tools): the in-memory column only")
     parser.add_argument("--no-memory", action="store_true", help="skip the in-memory merges")
     parser.add_argument("--no-eval", action="store_true", help="skip the trial evaluation")
     parser.add_argument("--threads", type=int, default=None,
@@ -610,6 +612,10 @@ def _run(args) -> int:
     try:
         rows = []
         for method in methods:
+            if args.no_disk:
+                rows.append({"method": method, "agree": None, "agree_f32": None, "ours": None,
+                             "mk": None, "failed": {}})
+                continue
             with_mk = mk is not None and method in mk
             row = bench_disk(method, recipe_for(method, pair), work, env, args, with_mk,
                              method in random)

@@ -129,3 +129,30 @@ def test_cuda_requested_without_cuda(tiny_family):
         pytest.skip("CUDA is available here")
     with pytest.raises(UserError, match="cuda.*not available"):
         InMemoryMerger(RECIPES["linear"][1](tiny_family), device="cuda")
+
+
+# the NaN check after every trial's merge -----------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "both infinities"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_finds_one_bad_entry(bad, dtype):
+    from orchestrator.engine import all_finite
+
+    good = torch.randn(300, 7).to(dtype)
+    t = torch.randn(1000).to(dtype)
+    if bad == "both infinities":  # their sum is NaN
+        t[10], t[900] = float("inf"), float("-inf")
+    else:
+        t[537] = bad
+    assert all_finite([good, good.clone()])
+    assert not all_finite([good, t])
+    assert not all_finite([torch.nn.Parameter(t)])  # as a model's parameters come
+
+
+def test_all_finite_is_not_fooled_by_a_sum_that_overflows():
+    from orchestrator.engine import all_finite
+
+    big = torch.full((4,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)  # sums to inf
+    assert all_finite([big, torch.full((3,), 3e38), torch.empty(0), torch.arange(5)])
+    big[2] = float("nan")
+    assert not all_finite([big])

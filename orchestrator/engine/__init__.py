@@ -29,7 +29,7 @@ _EXPORTS = {
     "prepare": "sources",
     "StreamReader": "compute", "CachedReader": "compute", "compute_tensor": "compute",
     "MergeResult": "streaming", "merge_to_disk": "streaming",
-    "InMemoryMerger": "resident", "MergeStats": "resident",
+    "InMemoryMerger": "resident", "MergeStats": "resident", "all_finite": "resident",
     "resolve_device": "devices", "check_device_name": "devices",
     "write_combined_adapter": "adapter_output", "uses_adapter_keys": "adapter_output",
 }

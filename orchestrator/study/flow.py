@@ -19,7 +19,7 @@ import torch
 
 from orchestrator.engine.dataflow import LayerBank, PathModel
 from orchestrator.engine.plan import build_plan
-from orchestrator.engine.resident import InMemoryMerger
+from orchestrator.engine.resident import InMemoryMerger, all_finite
 from orchestrator.engine.sources import as_recipe
 from orchestrator.engine.streaming import merge_to_disk
 from orchestrator.errors import UserError
@@ -83,7 +83,7 @@ class FlowResident:
         if self.ps_model is None:
             self.ps_model = copy.deepcopy(self.model)
         self.merger.merge_into(ps, model=self.ps_model, seed=seed)
-        if not all(torch.isfinite(p).all() for p in self.ps_model.parameters()):
+        if not all_finite(self.ps_model.parameters()):
             raise FloatingPointError("the PS merge produced NaN or inf weights")
         self.bank.models = {k: v for k, v in self.bank.models.items() if v is not self.ps_model}
         self.bank.add(ref, self.ps_model)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.engine.resident import InMemoryMerger
+from orchestrator.engine.resident import InMemoryMerger, all_finite
 from orchestrator.errors import UserError
 from orchestrator.evaluation.evaluator import ResidentEvaluator
 from orchestrator.lora import AdapterMerger, load_adapter
@@ -76,7 +76,7 @@ class Resident:
         else:
             self.merger.merge_into(dict(recipe), seed=seed)
             written = self.evaluator.model.parameters()
-        if not all(torch.isfinite(p).all() for p in written):
+        if not all_finite(written):
             raise FloatingPointError("the merge produced NaN or inf weights")
         self.evaluator.reset()
 
