@@ -142,6 +142,7 @@ def _rows_cases() -> dict[str, torch.Tensor]:
         "negative values (torch path)": d.view(1536, 96),
         "float64 (torch path)": bf16.double(),
         "three dimensions (torch path)": bf16.reshape(96, 16, 96),
+        "a strided view, many non-bf16 rows": many.t().contiguous().t(),
     }
 
 
