@@ -12,7 +12,7 @@ On an accelerator the whole tensor is one chunk (kernel launches, not cache miss
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -40,6 +40,14 @@ def buffers(count: int, size: int, device: torch.device, workspace: Workspace | 
             name: str = "chunk") -> list[Tensor]:
     """``count`` float32 scratch buffers of ``size`` elements (from ``workspace`` if given)."""
     return [scratch(workspace, f"{name}{i}", size, torch.float32, device) for i in range(count)]
+
+
+def sum_into(xs: Sequence[Tensor], out: Tensor) -> Tensor:
+    """``xs[0] + xs[1] + ...`` (left to right) into ``out``, which it returns."""
+    out.copy_(xs[0])
+    for x in xs[1:]:
+        out.add_(x)
+    return out
 
 
 def as_float32(x: Tensor, buf: Tensor) -> Tensor:

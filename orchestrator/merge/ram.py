@@ -73,7 +73,7 @@ def ram(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams],
     out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     for o, kept, _, count in _active_slices(xs, params.epsilon, out):
         # c = 1: sum of the one active value; c > 1: their mean; c = 0: 0.
-        _sum_into(kept, o).div_(count.clamp_(min=1))
+        chunks.sum_into(kept, o).div_(count.clamp_(min=1))
     return out
 
 
@@ -96,7 +96,7 @@ def ramplus_tl(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoPar
     boost = unique_boost([a - u for a, u in zip(active_i, unique_i)], unique_i, params)
     out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     for o, kept, active, count in _active_slices(xs, params.epsilon, out):
-        _sum_into(kept, o).div_(count.clamp(min=1))  # the means (c = 1: the one value)
+        chunks.sum_into(kept, o).div_(count.clamp(min=1))  # the means (c = 1: the one value)
         factor = active[0].mul_(boost[0] - 1)  # sum_i (lambda_i - 1) [active_i] ...
         for a, b in zip(active[1:], boost[1:]):
             factor.add_(a.mul_(b - 1))
@@ -132,12 +132,6 @@ def _active_slices(xs: Sequence[Tensor], epsilon: float, out: Tensor | None = No
             active.append(a)
         yield (None if flat_out is None else flat_out[start:stop]), kept, active, count
 
-
-def _sum_into(xs: Sequence[Tensor], out: Tensor) -> Tensor:
-    out.copy_(xs[0])
-    for x in xs[1:]:
-        out.add_(x)
-    return out
 
 
 def unique_boost(shared_i: Sequence[float], unique_i: Sequence[float],

@@ -71,7 +71,7 @@ def sce(xs: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams],
         m = stop - start
         ts = tv.read(start, stop)
         o, e, d, a, t_ = (flat_out[start:stop], elected[:m], divisor[:m], agree[:m], tmp[:m])
-        _sum_into(ts, e).sign_().add_(0.5).sign_()  # 3. erase: +1 where sum >= 0, else -1
+        chunks.sum_into(ts, e).sign_().add_(0.5).sign_()  # 3. erase: +1 where sum >= 0, else -1
         for i, (t, w) in enumerate(zip(ts, weights)):
             erased = torch.sign(t, out=a).mul_(e).relu_().mul_(w)  # w [sign(t) == elected]
             if i == 0:  # 4. merge
@@ -118,12 +118,6 @@ class _TaskVectors:
         return var
 
 
-def _sum_into(ts: Sequence[Tensor], out: Tensor) -> Tensor:
-    out.copy_(ts[0])
-    for t in ts[1:]:
-        out.add_(t)
-    return out
-
 
 def variance(ts: Sequence[Tensor], *, out: Tensor, mean: Tensor) -> Tensor:
     """Population variance across models, entry by entry: ``mean_i (t_i - mean)^2`` (into
@@ -138,7 +132,7 @@ def variance(ts: Sequence[Tensor], *, out: Tensor, mean: Tensor) -> Tensor:
     """
     if len(ts) == 2:
         return torch.sub(ts[0], ts[1], out=out).mul_(0.5).square_()
-    _sum_into(ts, mean).div_(len(ts))
+    chunks.sum_into(ts, mean).div_(len(ts))
     out.zero_()
     for t in ts:
         out.add_(torch.sub(t, mean).square_())

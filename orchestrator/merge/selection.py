@@ -384,10 +384,11 @@ def row_order(mags: Tensor) -> Tensor:
         high, low = (halves[:, 1::2], halves[:, 0::2]) if sys.byteorder == "little" else \
             (halves[:, 0::2], halves[:, 1::2])
         if int(high.max()) < 0x8000:  # no negative value
-            odd = np.flatnonzero((low != 0).any(axis=1))  # rows with non-bf16 values
+            not_bf16 = low != 0  # (r, c)
+            odd = np.flatnonzero(not_bf16.any(axis=1))  # rows with non-bf16 values
             keys = high
             if odd.size > mags.shape[0] // 8:  # many: all rows on dense ranks of the values
-                keys = _dense_keys(bits.reshape(-1), high, low)
+                keys = _dense_keys(bits.reshape(-1), high, not_bf16)
                 odd = odd[:0]
             if keys is not None:
                 order = torch.from_numpy(np.argsort(keys, axis=1, kind="stable"))
@@ -398,13 +399,13 @@ def row_order(mags: Tensor) -> Tensor:
     return mags.argsort(dim=1, stable=True)
 
 
-def _dense_keys(bits: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray | None:
+def _dense_keys(bits: np.ndarray, high: np.ndarray, not_bf16: np.ndarray) -> np.ndarray | None:
     """uint16 keys (r, c) ordering as the non-negative floats of int32 ``bits`` (r * c,) do:
     each value's rank among the distinct values; None over 65,535 distinct values."""
     seen = np.zeros(1 << 15, dtype=bool)
     seen[high] = True
     present = np.flatnonzero(seen).astype(np.int64)
-    odd = np.flatnonzero(low.reshape(-1))  # flat positions of the non-bf16 values
+    odd = np.flatnonzero(not_bf16)  # flat positions of the non-bf16 values
     distinct = np.union1d(present << 16, bits[odd].astype(np.int64))
     if distinct.size > 0xFFFF:
         return None
